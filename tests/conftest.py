@@ -1,0 +1,60 @@
+"""Shared test configuration.
+
+Hypothesis profiles (select with ``ATTNCONV_HYPOTHESIS_PROFILE``):
+
+* ``ci`` (default): deterministic (derandomized, no example database), few
+  examples, no deadline -- the same examples on every run.
+* ``dev``: more examples, still no deadline, random seeds.
+* ``sweep``: long local sweeps (hundreds of examples per property).
+
+Several fake CPU devices are requested so that sharding code paths run on CPU.
+"""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile(
+    "ci",
+    max_examples=12,
+    derandomize=True,
+    database=None,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "dev",
+    max_examples=60,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile(
+    "sweep",
+    max_examples=500,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile(os.environ.get("ATTNCONV_HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_collection_modifyitems(config, items):
+  if os.environ.get("ATTNCONV_SLOW") == "1":
+    return
+  skip = pytest.mark.skip(reason="slow: set ATTNCONV_SLOW=1 to run")
+  for item in items:
+    if "slow" in item.keywords:
+      item.add_marker(skip)
+
+
+@pytest.fixture
+def key():
+  return jax.random.key(0)
