@@ -1,0 +1,268 @@
+"""Attention as pure functions: logits -> probabilities -> aggregated values.
+
+Shapes (row-major flattened grids): ``Nq`` queries, ``Nk`` keys, ``H`` heads, ``C`` channels.
+
+* Position-only probabilities have **no batch axis**: ``(H, Nq, Nk)``, computed once per layer and
+  shared by the batch. Content probabilities are ``(B, H, Nq, Nk)``.
+* Values are either shared by all heads, ``(B, Nk, C)`` -- the paper's choice ``D_h = D_in``: every
+  head aggregates the full input and the per-head matrices ``W^(h) = W_val^(h) W_out^(h)`` are
+  applied afterwards -- or per head, ``(B, Nk, H, C)``.
+* Aggregation contracts the key axis directly (a matmul); no ``(B, Nq, Nk, C)`` tensor is formed.
+
+The key grid may be larger than the query grid: :func:`key_grid` builds it from the input by zero,
+circular or reflect padding and input dilation, in the coordinate system of
+:mod:`attnconv.encodings` (input pixel ``i`` sits at ``i * input_dilation``, padded keys at negative
+or larger coordinates).
+
+References:
+  Cordonnier, Loukas & Jaggi, ICLR 2020, Eq. (MHSA) and Lemma 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+Array = jax.Array
+
+PADDING_MODES = ("zeros", "circular", "reflect")
+
+
+def softmax(logits: Array, axis: int = -1) -> Array:
+  """Softmax over keys, computed in at least float32 and returned in the logits' dtype."""
+  dt = logits.dtype
+  compute = jnp.promote_types(dt, jnp.float32)
+  return jax.nn.softmax(logits.astype(compute), axis=axis).astype(dt)
+
+
+def hard_attention(logits: Array, axis: int = -1) -> Array:
+  """The ``alpha -> infinity`` limit of ``softmax(alpha * logits)``: uniform over the argmax set.
+
+  With a unique maximum (the quadratic encoding on the integer lattice) this is exactly one-hot,
+  with entries exactly 0.0 and 1.0.
+  """
+  is_max = logits == jnp.max(logits, axis=axis, keepdims=True)
+  is_max = is_max.astype(logits.dtype)
+  return is_max / jnp.sum(is_max, axis=axis, keepdims=True)
+
+
+def aggregate(probs: Array, values: Array, *, precision=None) -> Array:
+  """Attention-weighted sum of values over keys.
+
+  Args:
+    probs: ``(H, Nq, Nk)`` (position-only, shared by the batch) or ``(B, H, Nq, Nk)``.
+    values: ``(B, Nk, C)`` (shared by all heads) or ``(B, Nk, H, C)`` (per head).
+    precision: ``jax.lax.Precision`` of the contraction.
+
+  Returns:
+    ``(B, Nq, H, C)``.
+  """
+  if probs.ndim not in (3, 4):
+    raise ValueError(f"probs: expected rank 3 or 4, got shape {probs.shape}")
+  if values.ndim not in (3, 4):
+    raise ValueError(f"values: expected rank 3 or 4, got shape {values.shape}")
+  nk = probs.shape[-1]
+  if values.shape[1] != nk:
+    raise ValueError(f"values: expected {nk} keys on axis 1 (as probs), got shape {values.shape}")
+  if values.ndim == 4 and values.shape[2] != probs.shape[-3]:
+    raise ValueError(
+      f"values: expected {probs.shape[-3]} heads on axis 2 (as probs), got shape {values.shape}"
+    )
+  p = "hqk" if probs.ndim == 3 else "bhqk"
+  v = "bkc" if values.ndim == 3 else "bkhc"
+  return jnp.einsum(f"{p},{v}->bqhc", probs, values, precision=precision)
+
+
+def combine_axis_probs(axis_probs: Sequence[Array]) -> Array:
+  """Full probabilities ``(H, Nq, Nk)`` from per-axis factors ``[(H, Nq_a, Nk_a)]`` (outer product)."""
+  d = len(axis_probs)
+  h = axis_probs[0].shape[0]
+  total = None
+  for a, p in enumerate(axis_probs):
+    shape = [h] + [1] * (2 * d)
+    shape[1 + a], shape[1 + d + a] = p.shape[1:]
+    total = p.reshape(shape) if total is None else total * p.reshape(shape)
+  nq = int(np.prod([p.shape[1] for p in axis_probs]))
+  nk = int(np.prod([p.shape[2] for p in axis_probs]))
+  q_shape = tuple(p.shape[1] for p in axis_probs)
+  k_shape = tuple(p.shape[2] for p in axis_probs)
+  return jnp.broadcast_to(total, (h, *q_shape, *k_shape)).reshape(h, nq, nk)
+
+
+def aggregate_separable(
+  axis_probs: Sequence[Array], values: Array, key_shape: Sequence[int], *, precision=None
+) -> Array:
+  """Aggregation with probabilities that factorise over axes, ``P = P_0 (x) ... (x) P_{d-1}``.
+
+  Contracts one key axis at a time, costing ``B H C N (sum_a Nk_a)`` instead of ``B H C N Nk``.
+
+  Args:
+    axis_probs: per-axis ``(H, Nq_a, Nk_a)``.
+    values: ``(B, Nk, C)`` or ``(B, Nk, H, C)`` with ``Nk = prod(key_shape)``.
+    key_shape: the key grid shape ``(Nk_0, ..., Nk_{d-1})``.
+
+  Returns:
+    ``(B, Nq, H, C)``.
+  """
+  d = len(axis_probs)
+  key_shape = tuple(int(k) for k in key_shape)
+  if tuple(p.shape[2] for p in axis_probs) != key_shape:
+    raise ValueError(
+      f"key_shape: expected the key sizes of axis_probs "
+      f"{tuple(p.shape[2] for p in axis_probs)}, got {key_shape}"
+    )
+  b = values.shape[0]
+  per_head = values.ndim == 4
+  if values.shape[1] != int(np.prod(key_shape)):
+    raise ValueError(
+      f"values: expected {int(np.prod(key_shape))} keys on axis 1, got {values.shape}"
+    )
+  x = values.reshape((b, *key_shape, *values.shape[2:]))
+  qs, ks = "xyz"[:d], "ijl"[:d]
+  cur = ["b", *ks, "h", "c"] if per_head else ["b", *ks, "c"]
+  for a in reversed(range(d)):
+    out = list(cur)
+    out[out.index(ks[a])] = qs[a]
+    if "h" not in out:
+      out.insert(len(out) - 1, "h")
+    x = jnp.einsum(
+      f"h{qs[a]}{ks[a]},{''.join(cur)}->{''.join(out)}", axis_probs[a], x, precision=precision
+    )
+    cur = out
+  nq = int(np.prod([p.shape[1] for p in axis_probs]))
+  return x.reshape(b, nq, x.shape[-2], x.shape[-1])
+
+
+def dropout_probs(rng: Array, probs: Array, rate: float, batch_size: int) -> Array:
+  """Dropout on attention probabilities with an independent mask per example.
+
+  Position-only probabilities ``(H, Nq, Nk)`` are broadcast to ``(B, H, Nq, Nk)`` first.
+  """
+  if not 0.0 <= rate < 1.0:
+    raise ValueError(f"rate: expected 0 <= rate < 1, got {rate}")
+  if probs.ndim == 3:
+    probs = jnp.broadcast_to(probs[None], (batch_size, *probs.shape))
+  keep = jax.random.bernoulli(rng, 1.0 - rate, probs.shape)
+  return jnp.where(keep, probs / (1.0 - rate), jnp.zeros((), probs.dtype)).astype(probs.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Key grids (padding / input dilation) and query grids (strides)
+# ----------------------------------------------------------------------------------------------
+
+
+def key_grid(
+  x: Array,
+  padding: Sequence[tuple[int, int]],
+  *,
+  mode: str = "zeros",
+  input_dilation: Sequence[int] | int = 1,
+) -> tuple[Array, tuple[Array, ...]]:
+  """Builds the key/value grid from the input and returns it with its per-axis coordinates.
+
+  Input pixel ``i`` (per axis) sits at coordinate ``i * input_dilation``; the dilated input is
+  padded by ``(low, high)`` per axis (negative values crop), so key index ``j`` sits at coordinate
+  ``j - low``.
+
+  Args:
+    x: ``(B, *spatial, C)`` channels-last input.
+    padding: ``(low, high)`` per spatial axis.
+    mode: ``'zeros'`` (keys on a zero-padded grid), ``'circular'`` (keys on a torus) or
+      ``'reflect'`` (keys on the mirrored grid; the border pixel is not repeated). Circular and
+      reflect need ``input_dilation == 1`` and non-negative padding.
+    input_dilation: zeros interleaved between input pixels (transposed-convolution style).
+
+  Returns:
+    ``(keys, key_positions)`` with keys ``(B, *key_shape, C)`` and per-axis int32 coordinates (static numpy arrays).
+  """
+  d = x.ndim - 2
+  if d not in (1, 2, 3):
+    raise ValueError(f"x: expected rank 3 to 5 (batch, 1-3 spatial axes, channels), got {x.shape}")
+  padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+  if len(padding) != d:
+    raise ValueError(f"padding: expected {d} (low, high) pairs, got {padding}")
+  dil = (input_dilation,) * d if isinstance(input_dilation, int) else tuple(input_dilation)
+  if len(dil) != d or any(int(v) < 1 for v in dil):
+    raise ValueError(f"input_dilation: expected {d} integers >= 1, got {input_dilation}")
+  if mode not in PADDING_MODES:
+    raise ValueError(f"mode: expected one of {PADDING_MODES}, got {mode!r}")
+  if mode == "zeros":
+    cfg = [(0, 0, 0)] + [(lo, hi, v - 1) for (lo, hi), v in zip(padding, dil)] + [(0, 0, 0)]
+    keys = lax.pad(x, jnp.zeros((), x.dtype), cfg)
+  else:
+    if any(v != 1 for v in dil):
+      raise ValueError(f"input_dilation: expected 1 with {mode!r} padding, got {dil}")
+    if any(lo < 0 or hi < 0 for lo, hi in padding):
+      raise ValueError(f"padding: expected non-negative pairs with {mode!r} padding, got {padding}")
+    np_mode = {"circular": "wrap", "reflect": "reflect"}[mode]
+    keys = jnp.pad(x, [(0, 0), *padding, (0, 0)], mode=np_mode)
+  if any(s < 1 for s in keys.shape[1:-1]):
+    raise ValueError(f"padding: the key grid would be empty, got key grid shape {keys.shape[1:-1]}")
+  positions = tuple(np.arange(keys.shape[1 + a], dtype=np.int32) - padding[a][0] for a in range(d))
+  return keys, positions
+
+
+def query_grid(
+  key_shape: Sequence[int],
+  padding: Sequence[tuple[int, int]],
+  *,
+  strides: Sequence[int],
+  window: Sequence[int],
+) -> tuple[Array, ...]:
+  """Per-axis query coordinates: one query per output position of a convolution.
+
+  Output ``o`` reads the keys of index ``o * stride ... o * stride + window - 1``; its query sits
+  at the centre of that window, coordinate ``o * stride - low + (window - 1) // 2``. Hence a
+  kernel offset ``kappa * dilation`` is the relative shift ``Delta = kappa * dilation -
+  (window - 1) // 2`` for every input size (for 'SAME' and odd kernels, ``Delta`` ranges over
+  ``{-K//2, ..., K//2}``, the paper's set of shifts). With the defaults (no padding,
+  ``window = stride = 1``) the queries are all input positions. There are
+  ``floor((Nk_a - window_a) / stride_a) + 1`` queries per axis.
+  """
+  out = []
+  for a, (nk, (lo, _), s, w) in enumerate(zip(key_shape, padding, strides, window)):
+    n = (nk - w) // s + 1
+    if n < 1:
+      raise ValueError(
+        f"window: expected at most {nk} keys on axis {a} (key grid {tuple(key_shape)}), got {w}"
+      )
+    out.append((np.arange(n, dtype=np.int32) * s - lo + (w - 1) // 2).astype(np.int32))
+  return tuple(out)
+
+
+def gather_hard(
+  keys: Array, key_positions: Sequence[Array], query_positions: Sequence[Array], centers: Array
+) -> Array:
+  """The hard-attention limit as shifted, strided views of the key grid.
+
+  Head ``h`` at query ``q`` reads the key at coordinate ``q + round(Delta_h)``, which must lie on
+  the key grid (true for the convolution construction). Queries must form a regular grid
+  ``q_a = q_a[0] + o * s_a``. Equal to ``aggregate(hard_attention(quadratic logits), values)``
+  when the centres are integers; the cost is that of an im2col convolution.
+
+  Args:
+    keys: ``(B, *key_shape, C)``.
+    key_positions, query_positions: per-axis coordinates (regular grids).
+    centers: ``(H, d)`` (rounded to the nearest integer; traced values are allowed).
+
+  Returns:
+    ``(B, Nq, H, C)``.
+  """
+  b, c = keys.shape[0], keys.shape[-1]
+  q_np = [np.asarray(q) for q in query_positions]
+  k0 = [int(np.asarray(k)[0]) for k in key_positions]
+  strides = [int(q[1] - q[0]) if q.shape[0] > 1 else 1 for q in q_np]
+  n_out = [q.shape[0] for q in q_np]
+  size = [(n - 1) * s + 1 for n, s in zip(n_out, strides)]
+  shift = jnp.round(centers).astype(jnp.int32)
+  views = []
+  for h in range(centers.shape[0]):
+    start = [0] + [int(q[0]) - k0[a] + shift[h, a] for a, q in enumerate(q_np)] + [0]
+    win = lax.dynamic_slice(keys, start, (b, *size, c))
+    win = win[(slice(None), *(slice(None, None, s) for s in strides), slice(None))]
+    views.append(win.reshape(b, -1, c))
+  return jnp.stack(views, axis=2)

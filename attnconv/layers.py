@@ -1,0 +1,453 @@
+"""Thin Flax modules: parameters are created here, the math lives in encodings.py / attention.py.
+
+:class:`MultiHeadRelativeAttention` is the multi-head self-attention layer of Cordonnier et al.
+(2020) on a 1-, 2- or 3-D grid of tokens, with a relative positional encoding chosen by
+``encoding``:
+
+``'quadratic'``      Eq. 9, per head a centre ``Delta_h`` and sharpness ``alpha_h``; position only.
+``'generalized'``    ``-1/2 (delta - Delta)^T A A^T (delta - Delta)``; position only.
+``'learned'``        learned per-axis (row/column) relative tables projected per head; position only.
+``'learned_content'`` content ``q.k / sqrt(D_k)`` plus ``q.r`` against the learned tables.
+``'content'``        content ``q.k / sqrt(D_k)`` only (no positions: permutation-equivariant).
+
+The output is ``MHSA(X)_q = sum_h (sum_k P_h[q, k] V_h[k]) W_out^(h) + b_out``; by default
+(``value_features=None``) every head aggregates the full input (``V_h = X``, ``D_h = D_in``), the
+paper's advice for exact re-parametrisation, and ``W_out`` has shape ``(H, D_in, D_out)``
+(``DenseGeneral`` layout, parameter ``out``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from attnconv import attention as attn
+from attnconv import encodings as enc
+
+Array = jax.Array
+Dtype = Any
+Initializer = Callable[..., Array]
+
+ENCODINGS = ("quadratic", "generalized", "learned", "learned_content", "content")
+POSITION_ONLY = ("quadratic", "generalized", "learned")
+IMPLEMENTATIONS = ("dense", "separable", "gather")
+
+
+def _tuple(name: str, value, d: int) -> tuple[int, ...]:
+  out = (value,) * d if isinstance(value, (int, np.integer)) else tuple(value)
+  if len(out) != d or any(not isinstance(v, (int, np.integer)) for v in out):
+    raise TypeError(f"{name}: expected an int or {d} ints, got {value!r}")
+  return tuple(int(v) for v in out)
+
+
+def spread_init(std: float = 0.01) -> Initializer:
+  """Spreads ``1 + N(0, std^2)`` (isotropic) or ``I + N(0, std^2)`` (factor ``A`` of Sigma^-1)."""
+
+  def init(key, shape, dtype=jnp.float32):
+    noise = std * jax.random.normal(key, shape, dtype)
+    if len(shape) == 1:
+      return 1.0 + noise
+    return jnp.eye(shape[-1], dtype=dtype) + noise
+
+  return init
+
+
+class MultiHeadRelativeAttention(nn.Module):
+  """Multi-head self-attention with a relative positional encoding on a d-D grid (d in 1, 2, 3).
+
+  Called on channels-last ``x`` of shape ``(batch, *spatial, features)``; returns
+  ``(batch, *query_shape, out_features)``. By default keys and queries are all input positions.
+  Convolution-style key grids are also expressible: ``padding`` pads the keys (``padding_mode``:
+  zeros / circular / reflect), ``input_dilation`` interleaves zeros, and queries sit on the strided
+  positions ``o * strides`` whose ``query_window`` fits in the key grid (see
+  :func:`attnconv.attention.key_grid` and :func:`attnconv.attention.query_grid`).
+
+  Position-only probabilities (no batch axis) are sown as ``('intermediates', 'attention_probs')``
+  with shape ``(H, Nq, Nk)``; content probabilities as ``(B, H, Nq, Nk)``.
+
+  Attributes:
+    num_heads: number of heads ``H``.
+    encoding: one of :data:`ENCODINGS`.
+    out_features: ``D_out`` (default: input features).
+    value_features: per-head value size ``D_h``; ``None`` aggregates the full input in every head.
+    qk_features: per-head query/key size for content encodings (default: input features).
+    rel_features: learned-table width ``P`` (default: input features for ``'learned'``, and
+      ``qk_features / d`` for ``'learned_content'``, where the query is split across axes).
+    max_distance: per-axis table size ``M`` (shifts ``|delta| < M``); default: the key grid size.
+    hard: use the ``alpha -> infinity`` limit (one-hot attention) of the quadratic encoding.
+    sharpness_param: ``'spread'`` (parameter ``spreads`` = s, ``alpha = s^2 / 2``, the authors'
+      parametrisation) or ``'alpha'`` (parameter ``alpha`` directly).
+    implementation: ``'dense'`` (softmax over all keys), ``'separable'`` (per-axis softmaxes;
+      quadratic and learned encodings) or ``'gather'`` (hard quadratic only: shifted views).
+    strides, padding, padding_mode, input_dilation, query_window: the key and query grids.
+    dropout_rate: dropout on attention probabilities (independent mask per example).
+    center_init_std: centres are initialised ``N(0, std^2)`` per coordinate (paper: 2).
+    spread_init_std: spreads are initialised ``1 + N(0, std^2)`` (paper: 0.01).
+    use_bias: bias ``b_out``.
+    dtype: computation dtype (``None``: from inputs and params); softmax runs in float32.
+    param_dtype: parameter dtype.
+    precision: precision of the contractions.
+    kernel_init, bias_init, rel_init: initialisers of dense kernels, biases and tables.
+  """
+
+  num_heads: int
+  encoding: str = "quadratic"
+  out_features: int | None = None
+  value_features: int | None = None
+  qk_features: int | None = None
+  rel_features: int | None = None
+  max_distance: int | Sequence[int] | None = None
+  hard: bool = False
+  sharpness_param: str = "spread"
+  implementation: str = "dense"
+  strides: int | Sequence[int] = 1
+  padding: str | Sequence[tuple[int, int]] | None = None
+  padding_mode: str = "zeros"
+  input_dilation: int | Sequence[int] = 1
+  query_window: int | Sequence[int] = 1
+  dropout_rate: float = 0.0
+  center_init_std: float = 2.0
+  spread_init_std: float = 0.01
+  use_bias: bool = True
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+  precision: Any = None
+  kernel_init: Initializer = nn.initializers.lecun_normal()
+  bias_init: Initializer = nn.initializers.zeros_init()
+  rel_init: Initializer = nn.initializers.normal(1.0)
+
+  # ------------------------------------------------------------------------------------------
+  # validation and grids
+  # ------------------------------------------------------------------------------------------
+
+  def _validate(self, d: int) -> None:
+    if not isinstance(self.num_heads, (int, np.integer)) or self.num_heads < 1:
+      raise ValueError(f"num_heads: expected a positive int, got {self.num_heads!r}")
+    if self.encoding not in ENCODINGS:
+      raise ValueError(f"encoding: expected one of {ENCODINGS}, got {self.encoding!r}")
+    if self.implementation not in IMPLEMENTATIONS:
+      raise ValueError(
+        f"implementation: expected one of {IMPLEMENTATIONS}, got {self.implementation!r}"
+      )
+    if self.implementation == "separable" and self.encoding not in ("quadratic", "learned"):
+      raise ValueError(
+        f"implementation: 'separable' needs encoding 'quadratic' or 'learned', got {self.encoding!r}"
+      )
+    if self.implementation == "gather" and not (self.encoding == "quadratic" and self.hard):
+      raise ValueError(
+        "implementation: 'gather' is the hard limit of the quadratic encoding; expected "
+        f"encoding='quadratic' and hard=True, got encoding={self.encoding!r}, hard={self.hard}"
+      )
+    if self.hard and self.encoding != "quadratic":
+      raise ValueError(f"hard: only the quadratic encoding has a hard limit, got {self.encoding!r}")
+    if self.sharpness_param not in ("spread", "alpha"):
+      raise ValueError(
+        f"sharpness_param: expected 'spread' or 'alpha', got {self.sharpness_param!r}"
+      )
+    if not 0.0 <= self.dropout_rate < 1.0:
+      raise ValueError(f"dropout_rate: expected 0 <= rate < 1, got {self.dropout_rate}")
+    for name in ("strides", "input_dilation", "query_window"):
+      vals = _tuple(name, getattr(self, name), d)
+      if any(v < 1 for v in vals):
+        raise ValueError(f"{name}: expected positive integers, got {vals}")
+    if self.encoding not in POSITION_ONLY:
+      moved = (
+        self.padding is not None
+        or _tuple("strides", self.strides, d) != (1,) * d
+        or _tuple("input_dilation", self.input_dilation, d) != (1,) * d
+        or _tuple("query_window", self.query_window, d) != (1,) * d
+      )
+      if moved:
+        raise ValueError(
+          f"encoding: content attention needs queries == keys (no padding, strides, input "
+          f"dilation or query window), got encoding={self.encoding!r}"
+        )
+
+  def _padding(self, spatial_shape: Sequence[int]) -> tuple[tuple[int, int], ...]:
+    """Resolves ``padding`` (None, 'SAME', 'SAME_LOWER', 'VALID' or pairs) for an input grid."""
+    d = len(spatial_shape)
+    if self.padding is None:
+      return ((0, 0),) * d
+    if isinstance(self.padding, str):
+      if self.padding == "VALID":
+        return ((0, 0),) * d
+      if self.padding not in ("SAME", "SAME_LOWER"):
+        raise ValueError(
+          f"padding: expected 'SAME', 'SAME_LOWER', 'VALID' or (low, high) pairs, got "
+          f"{self.padding!r}"
+        )
+      dil = _tuple("input_dilation", self.input_dilation, d)
+      strides = _tuple("strides", self.strides, d)
+      window = _tuple("query_window", self.query_window, d)
+      pads = []
+      for n, ld, s, w in zip(spatial_shape, dil, strides, window):
+        length = (n - 1) * ld + 1
+        total = max((-(-length // s) - 1) * s + w - length, 0)
+        lo = total // 2 if self.padding == "SAME" else total - total // 2
+        pads.append((lo, total - lo))
+      return tuple(pads)
+    pads = tuple(self.padding)
+    if len(pads) != d or any(not isinstance(p, (tuple, list)) or len(p) != 2 for p in pads):
+      raise ValueError(f"padding: expected {d} (low, high) pairs, got {self.padding!r}")
+    return tuple((int(lo), int(hi)) for lo, hi in pads)
+
+  def _check_input(self, x: Array) -> int:
+    if not hasattr(x, "ndim"):
+      raise TypeError(f"x: expected an array, got {type(x).__name__}")
+    d = x.ndim - 2
+    if d not in (1, 2, 3):
+      raise ValueError(
+        f"x: expected rank 3, 4 or 5 (batch, 1-3 spatial axes, features), got shape {x.shape}"
+      )
+    self._validate(d)
+    return d
+
+  def _grids(self, x: Array):
+    """Returns ``(keys (B, *key_shape, C), key_positions, query_positions)``."""
+    d = x.ndim - 2
+    pads = self._padding(x.shape[1:-1])
+    keys, kpos = attn.key_grid(
+      x,
+      pads,
+      mode=self.padding_mode,
+      input_dilation=_tuple("input_dilation", self.input_dilation, d),
+    )
+    qpos = attn.query_grid(
+      keys.shape[1:-1],
+      pads,
+      strides=_tuple("strides", self.strides, d),
+      window=_tuple("query_window", self.query_window, d),
+    )
+    return keys, kpos, qpos
+
+  def _static_grids(self, spatial_shape: Sequence[int]):
+    """Key and query coordinates for an input grid, without data."""
+    x = jnp.zeros((1, *spatial_shape, 1), jnp.float32)
+    return self._grids(x)[1:]
+
+  # ------------------------------------------------------------------------------------------
+  # parameters
+  # ------------------------------------------------------------------------------------------
+
+  def _param(self, name: str, init: Initializer, shape: tuple[int, ...]) -> Array:
+    """``self.param`` that also works in non-compact methods once the variables exist."""
+    if self.has_variable("params", name):
+      value = self.get_variable("params", name)
+      if value.shape != tuple(shape):
+        raise ValueError(f"{name}: expected a parameter of shape {tuple(shape)}, got {value.shape}")
+      return value
+    return self.param(name, init, shape, self.param_dtype)
+
+  def _quadratic_params(self, d: int):
+    centers = self._param(
+      "centers", nn.initializers.normal(self.center_init_std), (self.num_heads, d)
+    )
+    if self.encoding == "generalized":
+      factors = self._param("spreads", spread_init(self.spread_init_std), (self.num_heads, d, d))
+      return centers, factors
+    if self.sharpness_param == "alpha":
+      alpha = self._param("alpha", spread_init(self.spread_init_std), (self.num_heads,))
+    else:
+      spreads = self._param("spreads", spread_init(self.spread_init_std), (self.num_heads,))
+      alpha = 0.5 * spreads**2
+    return centers, alpha
+
+  def _tables(self, d: int, kpos, qpos, width: int):
+    if self.max_distance is None:
+      extent = [
+        int(max(np.max(np.abs(np.asarray(k)[None, :] - np.asarray(q)[:, None])), 0)) + 1
+        for q, k in zip(qpos, kpos)
+      ]
+    else:
+      extent = list(_tuple("max_distance", self.max_distance, d))
+    return [
+      self._param(f"rel_table_{a}", self.rel_init, (2 * m - 1, width)) for a, m in enumerate(extent)
+    ]
+
+  # ------------------------------------------------------------------------------------------
+  # position-only probabilities
+  # ------------------------------------------------------------------------------------------
+
+  def _position_terms(self, d: int, kpos, qpos, width: int):
+    """Returns ('axis', [per-axis logits]) or ('full', logits) of the position-only encoding."""
+    if self.encoding in ("quadratic",):
+      centers, alpha = self._quadratic_params(d)
+      if self.hard:
+        # The limit does not depend on alpha > 0: use alpha = 1 for the logits.
+        alpha = jnp.ones((self.num_heads,), jnp.float32)
+      axis_logits = enc.quadratic_axis_logits(
+        qpos, kpos, centers.astype(jnp.float32), alpha.astype(jnp.float32)
+      )
+      return "axis", axis_logits
+    if self.encoding == "generalized":
+      centers, factors = self._quadratic_params(d)
+      return "full", enc.generalized_quadratic_logits(
+        qpos, kpos, centers.astype(jnp.float32), factors.astype(jnp.float32)
+      )
+    # learned: per-axis tables of width P, projected per head
+    tables = self._tables(d, kpos, qpos, width)
+    heads = [
+      self._param(f"rel_head_{a}", self.kernel_init, (width, self.num_heads)) for a in range(d)
+    ]
+    axis_logits = enc.learned_axis_logits(
+      qpos, kpos, [t.astype(jnp.float32) for t in tables], [w.astype(jnp.float32) for w in heads]
+    )
+    return "axis", axis_logits
+
+  def _normalize(self, logits: Array) -> Array:
+    return attn.hard_attention(logits) if self.hard else attn.softmax(logits)
+
+  def position_probabilities(self, spatial_shape: Sequence[int]) -> Array:
+    """Position-only attention probabilities ``(H, Nq, Nk)`` for an input grid ``spatial_shape``.
+
+    Use with ``module.apply(variables, spatial_shape, method=module.position_probabilities)``.
+    """
+    d = len(spatial_shape)
+    self._validate(d)
+    if self.encoding not in POSITION_ONLY:
+      raise ValueError(f"encoding: {self.encoding!r} is content-dependent: no position-only map")
+    kpos, qpos = self._static_grids(spatial_shape)
+    width = self.rel_features or 1
+    if self.has_variable("params", "rel_table_0"):
+      width = int(self.get_variable("params", "rel_table_0").shape[1])
+    kind, terms = self._position_terms(d, kpos, qpos, width)
+    if kind == "axis":
+      return attn.combine_axis_probs([self._normalize(t) for t in terms])
+    return self._normalize(terms)
+
+  def key_values(self, x: Array) -> Array:
+    """The keys/values on the padded, input-dilated key grid, flattened: ``(B, Nk, C)``."""
+    self._check_input(x)
+    keys, _, _ = self._grids(x)
+    return keys.reshape(keys.shape[0], -1, keys.shape[-1])
+
+  def query_shape(self, spatial_shape: Sequence[int]) -> tuple[int, ...]:
+    """The spatial shape of the output (query grid) for an input grid ``spatial_shape``."""
+    self._validate(len(spatial_shape))
+    _, qpos = self._static_grids(spatial_shape)
+    return tuple(int(q.shape[0]) for q in qpos)
+
+  # ------------------------------------------------------------------------------------------
+  # forward
+  # ------------------------------------------------------------------------------------------
+
+  @nn.compact
+  def __call__(self, x: Array, *, deterministic: bool = True) -> Array:
+    d = self._check_input(x)
+    b = x.shape[0]
+    in_features = x.shape[-1]
+    out_features = self.out_features or in_features
+    dtype = self.dtype or jnp.result_type(x.dtype, self.param_dtype)
+    x = x.astype(dtype)
+
+    keys, kpos, qpos = self._grids(x)
+    key_shape = keys.shape[1:-1]
+    q_shape = tuple(int(q.shape[0]) for q in qpos)
+    keys_flat = keys.reshape(b, -1, in_features)
+
+    if self.value_features is None:
+      if self.has_variable("params", "out"):
+        expected = self.get_variable("params", "out")["kernel"].shape[1]
+        if expected != in_features:
+          raise ValueError(
+            f"x: expected {expected} input features on the last axis, got shape {x.shape}"
+          )
+      values = keys_flat
+    else:
+      values = nn.DenseGeneral(
+        (self.num_heads, self.value_features),
+        dtype=dtype,
+        param_dtype=self.param_dtype,
+        kernel_init=self.kernel_init,
+        bias_init=self.bias_init,
+        precision=self.precision,
+        name="value",
+      )(keys_flat)
+
+    use_dropout = self.dropout_rate > 0.0 and not deterministic
+    sow = self.is_mutable_collection("intermediates")
+
+    if self.encoding in POSITION_ONLY:
+      kind, terms = self._position_terms(d, kpos, qpos, self.rel_features or in_features)
+      if self.implementation == "gather":
+        if self.value_features is not None:
+          raise ValueError(
+            f"value_features: 'gather' reads the input directly; expected None, got "
+            f"{self.value_features}"
+          )
+        centers = self.get_variable("params", "centers")
+        heads = attn.gather_hard(keys, kpos, qpos, centers)
+        if sow:
+          self.sow(
+            "intermediates",
+            "attention_probs",
+            attn.combine_axis_probs([self._normalize(t) for t in terms]),
+          )
+      elif kind == "axis" and self.implementation == "separable" and not use_dropout:
+        axis_probs = [self._normalize(t).astype(dtype) for t in terms]
+        if sow:
+          self.sow("intermediates", "attention_probs", attn.combine_axis_probs(axis_probs))
+        heads = attn.aggregate_separable(axis_probs, values, key_shape, precision=self.precision)
+      else:
+        if kind == "axis":
+          probs = attn.combine_axis_probs([self._normalize(t) for t in terms])
+        else:
+          probs = self._normalize(terms)
+        if sow:
+          self.sow("intermediates", "attention_probs", probs)
+        probs = probs.astype(dtype)
+        if use_dropout:
+          probs = attn.dropout_probs(self.make_rng("dropout"), probs, self.dropout_rate, b)
+        heads = attn.aggregate(probs, values, precision=self.precision)
+    else:
+      dk = self.qk_features or in_features
+      dense = lambda name: nn.DenseGeneral(  # noqa: E731
+        (self.num_heads, dk),
+        dtype=dtype,
+        param_dtype=self.param_dtype,
+        kernel_init=self.kernel_init,
+        bias_init=self.bias_init,
+        precision=self.precision,
+        name=name,
+      )
+      q = dense("query")(keys_flat)
+      k = dense("key")(keys_flat)
+      logits = enc.content_logits(q, k).astype(jnp.float32)
+      if self.encoding == "learned_content":
+        if dk % d:
+          raise ValueError(
+            f"qk_features: expected a multiple of the number of axes {d} (the query is split "
+            f"across axes for q.r), got {dk}"
+          )
+        width = self.rel_features or dk // d
+        if width * d != dk:
+          raise ValueError(f"rel_features: expected qk_features / d = {dk // d}, got {width}")
+        tables = self._tables(d, kpos, qpos, width)
+        rel = enc.relative_embeddings(qpos, kpos, [t.astype(dtype) for t in tables])
+        logits = logits + enc.query_relative_logits(q, q_shape, rel).astype(jnp.float32)
+      probs = attn.softmax(logits)
+      if sow:
+        self.sow("intermediates", "attention_probs", probs)
+      probs = probs.astype(dtype)
+      if use_dropout:
+        probs = attn.dropout_probs(self.make_rng("dropout"), probs, self.dropout_rate, b)
+      heads = attn.aggregate(probs, values, precision=self.precision)
+
+    out = nn.DenseGeneral(
+      out_features,
+      axis=(-2, -1),
+      use_bias=self.use_bias,
+      dtype=dtype,
+      param_dtype=self.param_dtype,
+      kernel_init=self.kernel_init,
+      bias_init=self.bias_init,
+      precision=self.precision,
+      name="out",
+    )
+    y = out(heads)  # (B, Nq, D_out)
+    return y.reshape((b, *q_shape, out_features))
