@@ -1,7 +1,30 @@
 """attnconv: a convolutional layer is a restricted self-attention layer.
 
-Executable form of Cordonnier, Loukas & Jaggi, "On the Relationship between
-Self-Attention and Convolutional Layers" (ICLR 2020).
+Executable form of Cordonnier, Loukas & Jaggi, "On the Relationship between Self-Attention and
+Convolutional Layers" (ICLR 2020): relative-position self-attention (:mod:`attnconv.encodings`,
+:mod:`attnconv.attention`, :mod:`attnconv.layers`), the Theorem-1 construction
+(:mod:`attnconv.construction`) and its finite-alpha error bound (:mod:`attnconv.bounds`).
 """
 
+from attnconv.construction import (
+  attention_to_conv,
+  conv_to_attention,
+  convolutions_as_attention,
+)
+from attnconv.layers import MultiHeadRelativeAttention
+
 __version__ = "0.1.0"
+
+__all__ = [
+  "MultiHeadRelativeAttention",
+  "attention_to_conv",
+  "conv_to_attention",
+  "convolutions_as_attention",
+]
+
+try:  # the bound lives in its own module (added with the proofs)
+  from attnconv.bounds import alpha_for_tolerance, softmax_emulation_error_bound  # noqa: F401
+
+  __all__ += ["alpha_for_tolerance", "softmax_emulation_error_bound"]
+except ImportError:  # pragma: no cover
+  pass
