@@ -18,10 +18,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from attnconv import attention as attn
 from attnconv import encodings as enc
 
 F32_EPS = float(jnp.finfo(jnp.float32).eps)
+
+
+def run(fn, *args):
+  """``jax.jit(fn)(*args)`` as numpy: one compilation per example instead of one per primitive."""
+  return jax.tree.map(np.asarray, jax.jit(fn)(*args))
+
 
 # ----------------------------------------------------------------------------------------------
 # strategies
@@ -59,6 +64,12 @@ def heads(d: int, max_heads: int = 3):
   )
 
 
+def np_softmax(logits: np.ndarray) -> np.ndarray:
+  """Float64 softmax over the last axis."""
+  z = np.exp(logits - np.max(logits, axis=-1, keepdims=True))
+  return z / np.sum(z, axis=-1, keepdims=True)
+
+
 def naive_offsets(qpos, kpos) -> np.ndarray:
   """``delta[i, j] = k_j - q_i`` over the row-major flattened grids, ``(Nq, Nk, d)``."""
   qs = np.stack(np.meshgrid(*[np.asarray(q) for q in qpos], indexing="ij"), -1).reshape(
@@ -92,12 +103,12 @@ def test_grid_positions_values_and_dtype():
 @given(grids())
 def test_relative_offsets_match_naive(grid):
   qpos, kpos = grid
-  offs = enc.relative_offsets(qpos, kpos)
+  offs, axis = run(lambda: (enc.relative_offsets(qpos, kpos), enc.axis_offsets(qpos, kpos)))
   nq = int(np.prod([len(q) for q in qpos]))
   nk = int(np.prod([len(k) for k in kpos]))
   chex.assert_shape(offs, (nq, nk, len(qpos)))
   np.testing.assert_array_equal(np.asarray(offs), naive_offsets(qpos, kpos))
-  for a, o in enumerate(enc.axis_offsets(qpos, kpos)):
+  for a, o in enumerate(axis):
     np.testing.assert_array_equal(
       np.asarray(o), np.asarray(kpos[a])[None, :] - np.asarray(qpos[a])[:, None]
     )
@@ -124,11 +135,17 @@ def test_lemma2_head_vectors_dot_encoding(grid, data):
   qpos, kpos = grid
   d = len(qpos)
   centers, alpha = data.draw(heads(d))
-  v = enc.quadratic_head_vectors(centers, alpha)
-  chex.assert_shape(v, (centers.shape[0], 1 + d))
   delta = naive_offsets(qpos, kpos)
-  r = enc.quadratic_encoding(jnp.asarray(delta, jnp.float32))
-  got = np.asarray(jnp.einsum("hi,qki->hqk", v, r))
+  v, got = run(
+    lambda c, a, dl: (
+      enc.quadratic_head_vectors(c, a),
+      jnp.einsum("hi,qki->hqk", enc.quadratic_head_vectors(c, a), enc.quadratic_encoding(dl)),
+    ),
+    centers,
+    alpha,
+    delta.astype(np.float32),
+  )
+  chex.assert_shape(v, (centers.shape[0], 1 + d))
   c64 = centers.astype(np.float64)
   a64 = alpha.astype(np.float64)
   dist = np.sum((delta[None] - c64[:, None, None, :]) ** 2, -1)
@@ -145,9 +162,13 @@ def test_quadratic_logits_equal_eq9_up_to_per_query_constant(grid, data):
   qpos, kpos = grid
   d = len(qpos)
   centers, alpha = data.draw(heads(d))
-  logits = np.asarray(enc.quadratic_logits(qpos, kpos, centers, alpha), np.float64)
-  v = np.asarray(enc.quadratic_head_vectors(centers, alpha), np.float64)
-  r = np.asarray(enc.quadratic_encoding(naive_offsets(qpos, kpos).astype(np.float64)))
+  logits, v = run(
+    lambda c, a: (enc.quadratic_logits(qpos, kpos, c, a), enc.quadratic_head_vectors(c, a)),
+    centers,
+    alpha,
+  )
+  logits, v = logits.astype(np.float64), v.astype(np.float64)
+  r = run(enc.quadratic_encoding, naive_offsets(qpos, kpos).astype(np.float32)).astype(np.float64)
   eq9 = np.einsum("hi,qki->hqk", v, r)
   diff = logits - eq9
   # The constant is -alpha ||Delta||^2, the same for every query and key.
@@ -157,11 +178,7 @@ def test_quadratic_logits_equal_eq9_up_to_per_query_constant(grid, data):
     diff, np.broadcast_to(const[:, None, None], diff.shape), atol=8 * d * F32_EPS * mag
   )
   # Hence the same softmax.
-  np.testing.assert_allclose(
-    np.asarray(attn.softmax(jnp.asarray(logits, jnp.float32))),
-    np.asarray(attn.softmax(jnp.asarray(eq9, jnp.float32))),
-    atol=16 * d * F32_EPS * mag,
-  )
+  np.testing.assert_allclose(np_softmax(logits), np_softmax(eq9), atol=16 * d * F32_EPS * mag)
 
 
 @given(grids(), st.data())
@@ -169,7 +186,14 @@ def test_quadratic_logits_match_naive_and_axis_terms(grid, data):
   qpos, kpos = grid
   d = len(qpos)
   centers, alpha = data.draw(heads(d))
-  logits = enc.quadratic_logits(qpos, kpos, centers, alpha)
+  logits, full = run(
+    lambda c, a: (
+      enc.quadratic_logits(qpos, kpos, c, a),
+      enc.combine_axis_logits(enc.quadratic_axis_logits(qpos, kpos, c, a)),
+    ),
+    centers,
+    alpha,
+  )
   delta = naive_offsets(qpos, kpos)
   want = -alpha.astype(np.float64)[:, None, None] * np.sum(
     (delta[None] - centers.astype(np.float64)[:, None, None, :]) ** 2, -1
@@ -177,8 +201,7 @@ def test_quadratic_logits_match_naive_and_axis_terms(grid, data):
   chex.assert_shape(logits, want.shape)
   chex.assert_type(logits, jnp.float32)
   np.testing.assert_allclose(np.asarray(logits), want, rtol=4 * (d + 2) * F32_EPS, atol=1e-30)
-  full = enc.combine_axis_logits(enc.quadratic_axis_logits(qpos, kpos, centers, alpha))
-  np.testing.assert_array_equal(np.asarray(full), np.asarray(logits))
+  np.testing.assert_array_equal(full, logits)
 
 
 @given(grids(), st.data())
@@ -192,7 +215,7 @@ def test_quadratic_logits_exact_for_integer_centres(grid, data):
   alpha = np.asarray(
     data.draw(st.lists(st.sampled_from([0.25, 0.5, 1.0, 2.0]), min_size=h, max_size=h)), np.float32
   )
-  logits = np.asarray(enc.quadratic_logits(qpos, kpos, centers, alpha))
+  logits = run(lambda c, a: enc.quadratic_logits(qpos, kpos, c, a), centers, alpha)
   delta = naive_offsets(qpos, kpos)
   want = -alpha[:, None, None] * np.sum((delta[None] - centers[:, None, None, :]) ** 2, -1)
   np.testing.assert_array_equal(logits, want.astype(np.float32))
@@ -209,9 +232,13 @@ def test_translation_invariance_of_logits(grid, data):
   t = data.draw(st.tuples(*[st.integers(-5, 5) for _ in range(d)]))
   shifted_q = tuple(q + s for q, s in zip(qpos, t))
   shifted_k = tuple(k + s for k, s in zip(kpos, t))
-  a = enc.quadratic_logits(qpos, kpos, centers, alpha)
-  b = enc.quadratic_logits(shifted_q, shifted_k, centers, alpha)
-  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # One compiled program for both grids (coordinates as traced arguments), so that the only
+  # difference is the coordinates; with constant coordinates XLA may fold one grid's arithmetic
+  # at compile time and contract the other's differently (1-ulp differences).
+  f = jax.jit(lambda qp, kp, c, al: enc.quadratic_logits(qp, kp, c, al))
+  a = np.asarray(f(qpos, kpos, centers, alpha))
+  b = np.asarray(f(shifted_q, shifted_k, centers, alpha))
+  np.testing.assert_array_equal(a, b)
 
 
 @given(grids(), st.data())
@@ -221,8 +248,15 @@ def test_generalized_with_scaled_identity_equals_isotropic(grid, data):
   d = len(qpos)
   centers, alpha = data.draw(heads(d))
   factors = np.sqrt(2 * alpha.astype(np.float64))[:, None, None] * np.eye(d)
-  gen = enc.generalized_quadratic_logits(qpos, kpos, centers, factors.astype(np.float32))
-  iso = enc.quadratic_logits(qpos, kpos, centers, alpha)
+  gen, iso = run(
+    lambda c, f, a: (
+      enc.generalized_quadratic_logits(qpos, kpos, c, f),
+      enc.quadratic_logits(qpos, kpos, c, a),
+    ),
+    centers,
+    factors.astype(np.float32),
+    alpha,
+  )
   chex.assert_equal_shape([gen, iso])
   # sqrt and its square each round once, so the relative error is a few eps per term.
   np.testing.assert_allclose(
@@ -250,15 +284,23 @@ def test_generalized_encoding_dot_vector_equals_generalized_logits(grid, data):
   h = centers.shape[0]
   flat = data.draw(st.lists(st.floats(-1.5, 1.5, width=32), min_size=h * d * d, max_size=h * d * d))
   factors = np.asarray(flat, np.float32).reshape(h, d, d)
-  precision = np.asarray(enc.precision_from_factor(factors), np.float64)
+  precision, logits = run(
+    lambda c, f: (
+      enc.precision_from_factor(f),
+      enc.generalized_quadratic_logits(qpos, kpos, c, f),
+    ),
+    centers,
+    factors,
+  )
+  precision, logits = precision.astype(np.float64), logits.astype(np.float64)
   np.testing.assert_allclose(
     precision, np.einsum("hij,hkj->hik", factors.astype(np.float64), factors), rtol=1e-5, atol=1e-6
   )
   v = _generalized_head_vectors(centers.astype(np.float64), precision)
-  r = np.asarray(enc.generalized_quadratic_encoding(naive_offsets(qpos, kpos).astype(np.float64)))
+  r = run(enc.generalized_quadratic_encoding, naive_offsets(qpos, kpos).astype(np.float32))
+  r = r.astype(np.float64)  # small integers: exact
   chex.assert_shape(r, (*r.shape[:2], d + d * (d + 1) // 2))
   via_encoding = np.einsum("hi,qki->hqk", v, r)
-  logits = np.asarray(enc.generalized_quadratic_logits(qpos, kpos, centers, factors), np.float64)
   diff = logits - via_encoding
   const = -0.5 * np.einsum("hi,hij,hj->h", centers.astype(np.float64), precision, centers)
   mag = np.max(np.abs(via_encoding)) + np.max(np.abs(logits)) + np.max(np.abs(const)) + 1.0
@@ -273,11 +315,16 @@ def test_diagonal_quadratic_terms_equal_diagonal_generalized(grid, data):
   d = len(qpos)
   centers, prec = data.draw(heads(d))
   precisions = np.broadcast_to(prec[:, None], (prec.shape[0], d)).astype(np.float32)
-  total = enc.combine_axis_logits(
-    enc.diagonal_quadratic_axis_logits(qpos, kpos, centers, precisions)
-  )
   factors = np.sqrt(precisions.astype(np.float64))[:, :, None] * np.eye(d)
-  gen = enc.generalized_quadratic_logits(qpos, kpos, centers, factors.astype(np.float32))
+  total, gen = run(
+    lambda c, p, f: (
+      enc.combine_axis_logits(enc.diagonal_quadratic_axis_logits(qpos, kpos, c, p)),
+      enc.generalized_quadratic_logits(qpos, kpos, c, f),
+    ),
+    centers,
+    precisions,
+    factors.astype(np.float32),
+  )
   np.testing.assert_allclose(
     np.asarray(total), np.asarray(gen), rtol=8 * (d + 2) * F32_EPS, atol=1e-30
   )
@@ -295,25 +342,30 @@ def test_transformer_xl_with_zero_content_reproduces_quadratic_softmax(grid, dat
   d = len(qpos)
   centers, alpha = data.draw(heads(d))
   h = centers.shape[0]
-  delta = enc.relative_offsets(qpos, kpos).astype(jnp.float32)
-  nq, nk = delta.shape[:2]
-  r = enc.quadratic_encoding(delta)  # (Nq, Nk, 1 + d)
-  rel_keys = jnp.broadcast_to(r[:, :, None, :], (nq, nk, h, 1 + d))
-  zeros_q = jnp.zeros((2, nq, h, 1 + d), jnp.float32)
-  zeros_k = jnp.zeros((2, nk, h, 1 + d), jnp.float32)
-  u = jnp.asarray(data.draw(st.floats(-2, 2, width=32))) * jnp.ones((h, 1 + d))
-  v = enc.quadratic_head_vectors(centers, alpha)
-  scores = np.asarray(enc.transformer_xl_logits(zeros_q, zeros_k, rel_keys, u, v), np.float64)
+  nq = int(np.prod([len(q) for q in qpos]))
+  nk = int(np.prod([len(k) for k in kpos]))
+  u0 = data.draw(st.floats(-2, 2, width=32))
+
+  def scores_and_quad(c, a, u0):
+    delta = enc.relative_offsets(qpos, kpos).astype(jnp.float32)
+    r = enc.quadratic_encoding(delta)  # (Nq, Nk, 1 + d)
+    rel_keys = jnp.broadcast_to(r[:, :, None, :], (nq, nk, h, 1 + d))  # W^ = I
+    zeros_q = jnp.zeros((2, nq, h, 1 + d), jnp.float32)  # X W_qry, W_qry = 0
+    zeros_k = jnp.zeros((2, nk, h, 1 + d), jnp.float32)  # X W_key, W_key = 0
+    u = u0 * jnp.ones((h, 1 + d))  # meets k = 0: irrelevant
+    v = enc.quadratic_head_vectors(c, a)
+    return (
+      enc.transformer_xl_logits(zeros_q, zeros_k, rel_keys, u, v),
+      enc.quadratic_logits(qpos, kpos, c, a),
+    )
+
+  scores, quad = run(scores_and_quad, centers, alpha, np.float32(u0))
   chex.assert_shape(scores, (2, h, nq, nk))
-  quad = np.asarray(enc.quadratic_logits(qpos, kpos, centers, alpha), np.float64)
+  scores, quad = scores.astype(np.float64), quad.astype(np.float64)
   mag = np.max(np.abs(scores)) + np.max(np.abs(quad)) + 1.0
   assert_constant_over_keys(scores[0] - quad, 16 * d * F32_EPS * mag)
   np.testing.assert_array_equal(scores[0], scores[1])
-  np.testing.assert_allclose(
-    np.asarray(attn.softmax(jnp.asarray(scores[0], jnp.float32))),
-    np.asarray(attn.softmax(jnp.asarray(quad, jnp.float32))),
-    atol=32 * d * F32_EPS * mag,
-  )
+  np.testing.assert_allclose(np_softmax(scores[0]), np_softmax(quad), atol=32 * d * F32_EPS * mag)
 
 
 @given(
@@ -326,7 +378,7 @@ def test_transformer_xl_matches_naive(b, nq, nk, h, dk):
   rel = rng.normal(size=(nq, nk, h, dk)).astype(np.float32)
   u = rng.normal(size=(h, dk)).astype(np.float32)
   v = rng.normal(size=(h, dk)).astype(np.float32)
-  got = np.asarray(enc.transformer_xl_logits(q, k, rel, u, v))
+  got = run(enc.transformer_xl_logits, q, k, rel, u, v)
   want = np.zeros((b, h, nq, nk))
   absw = np.zeros((b, h, nq, nk))
   for bi in range(b):
@@ -364,7 +416,7 @@ def test_content_logits_match_naive(b, nq, nk, h, dk):
   rng = np.random.default_rng(nq * 31 + nk * 7 + h * 3 + dk)
   q = rng.normal(size=(b, nq, h, dk)).astype(np.float32)
   k = rng.normal(size=(b, nk, h, dk)).astype(np.float32)
-  got = np.asarray(enc.content_logits(jnp.asarray(q), jnp.asarray(k)))
+  got = run(enc.content_logits, q, k)
   chex.assert_shape(got, (b, h, nq, nk))
   want = np.zeros((b, h, nq, nk))
   absw = np.zeros((b, h, nq, nk))
@@ -403,7 +455,11 @@ def test_learned_separable_logits_equal_full_table_lookup(grid, h, width, extra)
   rng = np.random.default_rng(h * 10 + width + extra)
   tables = _tables(rng, qpos, kpos, width, extra)
   kernels = [rng.normal(size=(width, h)).astype(np.float32) for _ in range(d)]
-  got = np.asarray(enc.learned_logits(qpos, kpos, tables, kernels))
+  got, embs = run(
+    lambda t, w: (enc.learned_logits(qpos, kpos, t, w), enc.relative_embeddings(qpos, kpos, t)),
+    tables,
+    kernels,
+  )
   r = _full_relative_embeddings(qpos, kpos, tables)
   w = np.concatenate(kernels, axis=0).astype(np.float64)  # (d * P, H)
   want = np.einsum("qkp,ph->hqk", r, w)
@@ -411,7 +467,7 @@ def test_learned_separable_logits_equal_full_table_lookup(grid, h, width, extra)
   chex.assert_shape(got, want.shape)
   np.testing.assert_array_less(np.abs(got - want), 2 * (d * width + d) * F32_EPS * absw + 1e-30)
   # relative_embeddings gathers exactly.
-  for a, e in enumerate(enc.relative_embeddings(qpos, kpos, tables)):
+  for a, e in enumerate(embs):
     m = (tables[a].shape[0] + 1) // 2
     offs = np.asarray(kpos[a])[None, :] - np.asarray(qpos[a])[:, None]
     np.testing.assert_array_equal(np.asarray(e), tables[a][offs + m - 1])
@@ -425,9 +481,16 @@ def test_query_relative_logits_match_naive(grid, b, h, width):
   nq = int(np.prod(q_shape))
   rng = np.random.default_rng(b * 100 + h * 10 + width)
   tables = _tables(rng, qpos, kpos, width)
-  rel = enc.relative_embeddings(qpos, kpos, tables)
   query = rng.normal(size=(b, nq, h, d * width)).astype(np.float32)
-  got = np.asarray(enc.query_relative_logits(jnp.asarray(query), q_shape, rel))
+
+  def scores(qu, t):
+    rel = enc.relative_embeddings(qpos, kpos, t)
+    return (
+      enc.query_relative_logits(qu, q_shape, rel),
+      enc.query_relative_logits(qu, q_shape, rel, scale=1.0),
+    )
+
+  got, got2 = run(scores, query, tables)
   r = _full_relative_embeddings(qpos, kpos, tables)  # (Nq, Nk, d * P)
   scale = 1.0 / np.sqrt(d * width)
   want = np.einsum("bqhp,qkp->bhqk", query.astype(np.float64), r) * scale
@@ -435,7 +498,6 @@ def test_query_relative_logits_match_naive(grid, b, h, width):
   chex.assert_shape(got, want.shape)
   np.testing.assert_array_less(np.abs(got - want), 2 * (d * width + 2) * F32_EPS * absw + 1e-30)
   # An explicit scale multiplies the scores.
-  got2 = np.asarray(enc.query_relative_logits(jnp.asarray(query), q_shape, rel, scale=1.0))
   np.testing.assert_allclose(got2 * scale, got, rtol=4 * F32_EPS, atol=1e-30)
 
 
