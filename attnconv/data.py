@@ -265,6 +265,7 @@ def _fashion_mnist_builder_class() -> type:
         ),
         supervised_keys=("image", "label"),
         homepage="https://github.com/zalandoresearch/fashion-mnist",
+        disable_shuffling=True,  # keep the official order of the IDX files
       )
 
     def _split_generators(self, dl_manager):
@@ -327,7 +328,11 @@ def _read_tfds(name: str, data_dir, manual_dir) -> dict[str, tuple[np.ndarray, n
   for split in ("train", "test"):
     # Large batches rather than batch_size=-1 (one batch of the whole split), which relies on
     # the split size recorded in the dataset info (absent under tfds.testing.mock_data).
-    dataset = builder.as_dataset(split=split, as_supervised=True, shuffle_files=False)
+    # Shards read one after the other: the same order on every run and machine.
+    read_config = tfds.ReadConfig(interleave_cycle_length=1)
+    dataset = builder.as_dataset(
+      split=split, as_supervised=True, shuffle_files=False, read_config=read_config
+    )
     batches = list(tfds.as_numpy(dataset.batch(_READ_BATCH)))
     if not batches:
       raise ValueError(f"name: the {split} split of tfds dataset {builder.name!r} is empty")
