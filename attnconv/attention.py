@@ -266,3 +266,92 @@ def gather_hard(
     win = win[(slice(None), *(slice(None, None, s) for s in strides), slice(None))]
     views.append(win.reshape(b, -1, c))
   return jnp.stack(views, axis=2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fused aggregation + per-head output projection (no (B, Nq, H, C) tensor)
+# ----------------------------------------------------------------------------------------------
+
+
+def aggregate_project(probs: Array, values: Array, kernel: Array, *, precision=None) -> Array:
+  """``sum_h (P_h V) W_h`` for position-only probabilities, head by head.
+
+  Equal to ``einsum('bqhc,hcd->bqd', aggregate(probs, values), kernel)`` but never forms the
+  ``(B, Nq, H, C)`` tensor: each head contracts the keys of a ``(Nk, B * C)`` view with one matmul
+  and is projected at once, so the working set is one head's ``(Nq, B, C)``.
+
+  Args:
+    probs: ``(H, Nq, Nk)`` position-only probabilities.
+    values: ``(B, Nk, C)``.
+    kernel: ``(H, C, D)`` per-head matrices ``W^(h)``.
+
+  Returns:
+    ``(B, Nq, D)``.
+  """
+  h, nq, nk = probs.shape
+  b, _, c = values.shape
+  if values.shape[1] != nk or kernel.shape[:2] != (h, c):
+    raise ValueError(
+      f"kernel: expected shape ({h}, {c}, D) with values (B, {nk}, {c}), got kernel "
+      f"{kernel.shape} and values {values.shape}"
+    )
+  xt = values.transpose(1, 0, 2).reshape(nk, b * c)
+  acc = None
+  for i in range(h):
+    t = jnp.matmul(probs[i], xt, precision=precision).reshape(nq * b, c)
+    y = jnp.matmul(t, kernel[i], precision=precision)
+    acc = y if acc is None else acc + y
+  return acc.reshape(nq, b, -1).transpose(1, 0, 2)
+
+
+def aggregate_project_separable(
+  axis_probs: Sequence[Array],
+  values: Array,
+  key_shape: Sequence[int],
+  kernel: Array,
+  *,
+  precision=None,
+) -> Array:
+  """:func:`aggregate_project` for probabilities that factorise over axes (separable path).
+
+  Per head, the key axes are contracted one at a time, each as a single matmul against the
+  leading axis of the current view (cost ``B C N sum_a Nk_a`` per head), then projected by
+  ``W^(h)``; no ``(B, Nq, H, C)`` tensor is formed.
+
+  Args:
+    axis_probs: per-axis ``(H, Nq_a, Nk_a)``.
+    values: ``(B, Nk, C)`` with ``Nk = prod(key_shape)``.
+    key_shape: key grid shape.
+    kernel: ``(H, C, D)``.
+
+  Returns:
+    ``(B, Nq, D)``.
+  """
+  d = len(axis_probs)
+  key_shape = tuple(int(k) for k in key_shape)
+  h = axis_probs[0].shape[0]
+  b, nk, c = values.shape
+  if nk != int(np.prod(key_shape)) or tuple(p.shape[2] for p in axis_probs) != key_shape:
+    raise ValueError(
+      f"key_shape: expected {tuple(p.shape[2] for p in axis_probs)} matching values with "
+      f"{nk} keys, got {key_shape}"
+    )
+  q_shape = tuple(p.shape[1] for p in axis_probs)
+  nq = int(np.prod(q_shape))
+  # keys-first layout (k_0, ..., k_{d-1}, B * C)
+  x0 = values.reshape(b, *key_shape, c)
+  x0 = jnp.moveaxis(x0, 0, d).reshape(*key_shape, b * c)
+  acc = None
+  for i in range(h):
+    x = x0
+    # invariant: x has axes (k_a, ..., k_{d-1}, q_0, ..., q_{a-1}, n)
+    for a in range(d):
+      lead = x.shape[0]
+      rest = x.shape[1:]
+      x = jnp.matmul(axis_probs[a][i], x.reshape(lead, -1), precision=precision)
+      x = x.reshape(q_shape[a], *rest)
+      # move the new q_a axis to just before n
+      x = jnp.moveaxis(x, 0, x.ndim - 2)
+    y = jnp.matmul(x.reshape(nq * b, c), kernel[i], precision=precision)
+    acc = y if acc is None else acc + y
+  return acc.reshape(nq, b, -1).transpose(1, 0, 2)

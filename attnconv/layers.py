@@ -332,6 +332,26 @@ class MultiHeadRelativeAttention(nn.Module):
     _, qpos = self._static_grids(spatial_shape)
     return tuple(int(q.shape[0]) for q in qpos)
 
+  def _out_params(self, heads_dim: int, out_features: int):
+    """The output projection ``out``: kernel ``(H, D_h, D_out)`` (DenseGeneral layout), bias."""
+
+    def init(rng):
+      k_rng, b_rng = jax.random.split(rng)
+      flat = self.kernel_init(k_rng, (self.num_heads * heads_dim, out_features), self.param_dtype)
+      params = {"kernel": flat.reshape(self.num_heads, heads_dim, out_features)}
+      if self.use_bias:
+        params["bias"] = self.bias_init(b_rng, (out_features,), self.param_dtype)
+      return params
+
+    out = self.param("out", init)
+    expected = (self.num_heads, heads_dim, out_features)
+    if tuple(out["kernel"].shape) != expected:
+      raise ValueError(
+        f"x: expected inputs giving an out kernel of shape {expected} (heads, features, "
+        f"out_features), but the parameters have {tuple(out['kernel'].shape)}"
+      )
+    return out["kernel"], out.get("bias")
+
   # ------------------------------------------------------------------------------------------
   # forward
   # ------------------------------------------------------------------------------------------
@@ -371,9 +391,14 @@ class MultiHeadRelativeAttention(nn.Module):
 
     use_dropout = self.dropout_rate > 0.0 and not deterministic
     sow = self.is_mutable_collection("intermediates")
+    heads_dim = in_features if self.value_features is None else self.value_features
+    kernel, bias = self._out_params(heads_dim, out_features)
+    kernel = kernel.astype(dtype)
+    y = None  # (B, Nq, D_out) when a fused path computes the projection itself
 
     if self.encoding in POSITION_ONLY:
       kind, terms = self._position_terms(d, kpos, qpos, self.rel_features or in_features)
+      fused = self.value_features is None and not use_dropout
       if self.implementation == "gather":
         if self.value_features is not None:
           raise ValueError(
@@ -392,7 +417,12 @@ class MultiHeadRelativeAttention(nn.Module):
         axis_probs = [self._normalize(t).astype(dtype) for t in terms]
         if sow:
           self.sow("intermediates", "attention_probs", attn.combine_axis_probs(axis_probs))
-        heads = attn.aggregate_separable(axis_probs, values, key_shape, precision=self.precision)
+        if fused:
+          y = attn.aggregate_project_separable(
+            axis_probs, values, key_shape, kernel, precision=self.precision
+          )
+        else:
+          heads = attn.aggregate_separable(axis_probs, values, key_shape, precision=self.precision)
       else:
         if kind == "axis":
           probs = attn.combine_axis_probs([self._normalize(t) for t in terms])
@@ -403,7 +433,10 @@ class MultiHeadRelativeAttention(nn.Module):
         probs = probs.astype(dtype)
         if use_dropout:
           probs = attn.dropout_probs(self.make_rng("dropout"), probs, self.dropout_rate, b)
-        heads = attn.aggregate(probs, values, precision=self.precision)
+        if fused:
+          y = attn.aggregate_project(probs, values, kernel, precision=self.precision)
+        else:
+          heads = attn.aggregate(probs, values, precision=self.precision)
     else:
       dk = self.qk_features or in_features
       dense = lambda name: nn.DenseGeneral(  # noqa: E731
@@ -438,16 +471,8 @@ class MultiHeadRelativeAttention(nn.Module):
         probs = attn.dropout_probs(self.make_rng("dropout"), probs, self.dropout_rate, b)
       heads = attn.aggregate(probs, values, precision=self.precision)
 
-    out = nn.DenseGeneral(
-      out_features,
-      axis=(-2, -1),
-      use_bias=self.use_bias,
-      dtype=dtype,
-      param_dtype=self.param_dtype,
-      kernel_init=self.kernel_init,
-      bias_init=self.bias_init,
-      precision=self.precision,
-      name="out",
-    )
-    y = out(heads)  # (B, Nq, D_out)
+    if y is None:
+      y = jnp.einsum("bqhc,hcd->bqd", heads, kernel, precision=self.precision)
+    if bias is not None:
+      y = y + bias.astype(dtype)
     return y.reshape((b, *q_shape, out_features))
