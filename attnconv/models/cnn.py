@@ -1,0 +1,220 @@
+"""Convolutional baselines: the CIFAR ResNet18 of the paper's Table 1 and a small CPU CNN.
+
+Both use only stock ``flax.linen`` layers (``nn.Conv``, ``nn.BatchNorm``, ``nn.Dense``), so code
+that intercepts ``nn.Conv.__call__`` (e.g. to run every convolution as self-attention) sees every
+convolution.
+
+Call signature (as every model of :mod:`attnconv.models`)::
+
+  logits, updates = model.apply(variables, images, train=True, rngs={"dropout": key},
+                                mutable=["batch_stats"])
+  logits = model.apply(variables, images, train=False)
+
+``images``: channels-last float ``(B, H, W, C)``; ``logits``: float32 ``(B, num_classes)``.
+
+References:
+  Cordonnier, Loukas & Jaggi, "On the Relationship between Self-Attention and Convolutional
+  Layers", ICLR 2020 (ResNet18 baseline: kuangliu/pytorch-cifar, as in the authors' code).
+  He et al., "Deep Residual Learning for Image Recognition", CVPR 2016.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+__all__ = ["BasicBlock", "ResNet18", "SmallCNN"]
+
+# PyTorch BatchNorm2d defaults: momentum 0.1 (flax: 0.9 = 1 - 0.1), eps 1e-5.
+_BN_MOMENTUM = 0.9
+_BN_EPSILON = 1e-5
+
+
+def _check_images(images: Array) -> None:
+  if not hasattr(images, "ndim") or images.ndim != 4:
+    raise ValueError(
+      "images: expected a rank-4 (batch, height, width, channels) array, got shape "
+      f"{getattr(images, 'shape', type(images).__name__)}"
+    )
+
+
+def _check_positive(name: str, value: Any) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+
+
+class BasicBlock(nn.Module):
+  """ResNet basic block: two 3x3 conv + BN, identity or 1x1 conv + BN projection shortcut.
+
+  Attributes:
+    features: output channels.
+    strides: stride of the first convolution (and of the projection).
+    dtype: computation dtype (``None``: inferred).
+    param_dtype: parameter dtype.
+  """
+
+  features: int
+  strides: int = 1
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool) -> Array:
+    """``(B, H, W, C_in) -> (B, H / strides, W / strides, features)``."""
+    conv = lambda f, k, s, name: nn.Conv(  # noqa: E731
+      f,
+      (k, k),
+      strides=(s, s),
+      padding=((k // 2, k // 2), (k // 2, k // 2)),
+      use_bias=False,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name=name,
+    )
+    norm = lambda name: nn.BatchNorm(  # noqa: E731
+      use_running_average=not train,
+      momentum=_BN_MOMENTUM,
+      epsilon=_BN_EPSILON,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name=name,
+    )
+    y = conv(self.features, 3, self.strides, "conv1")(x)
+    y = nn.relu(norm("bn1")(y))
+    y = conv(self.features, 3, 1, "conv2")(y)
+    y = norm("bn2")(y)
+    shortcut = x
+    if self.strides != 1 or x.shape[-1] != self.features:
+      shortcut = conv(self.features, 1, self.strides, "shortcut_conv")(x)
+      shortcut = norm("shortcut_bn")(shortcut)
+    return nn.relu(y + shortcut)
+
+
+class ResNet18(nn.Module):
+  """CIFAR ResNet18 (kuangliu/pytorch-cifar), the paper's convolutional baseline.
+
+  3x3 stem (stride 1, ``width`` channels, BN, ReLU); four stages of ``stage_sizes`` basic blocks
+  with ``width * (1, 2, 4, 8)`` channels and strides 1/2/2/2; global average pooling (the
+  original's ``avg_pool2d(4)`` on 32x32 inputs); ``Dense(num_classes)``. Convolutions have no
+  bias. With 10 classes and 3 input channels: 11,173,962 parameters (BN statistics excluded).
+
+  Attributes:
+    num_classes: number of classes.
+    width: channels of the stem and first stage.
+    stage_sizes: number of basic blocks per stage (ResNet18: (2, 2, 2, 2)).
+    dtype: computation dtype (e.g. ``jnp.bfloat16``); logits are returned in float32.
+    param_dtype: parameter dtype.
+  """
+
+  num_classes: int = 10
+  width: int = 64
+  stage_sizes: Sequence[int] = (2, 2, 2, 2)
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: Array, train: bool = False) -> Array:
+    """Classifies ``images (B, H, W, C)`` into logits ``(B, num_classes)`` (float32)."""
+    _check_images(images)
+    _check_positive("num_classes", self.num_classes)
+    _check_positive("width", self.width)
+    if len(self.stage_sizes) == 0:
+      raise ValueError(f"stage_sizes: expected a non-empty sequence, got {self.stage_sizes!r}")
+    for size in self.stage_sizes:
+      _check_positive("stage_sizes", size)
+    x = images.astype(self.dtype or jnp.result_type(images.dtype, jnp.float32))
+    x = nn.Conv(
+      self.width,
+      (3, 3),
+      padding=((1, 1), (1, 1)),
+      use_bias=False,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name="stem_conv",
+    )(x)
+    x = nn.BatchNorm(
+      use_running_average=not train,
+      momentum=_BN_MOMENTUM,
+      epsilon=_BN_EPSILON,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name="stem_bn",
+    )(x)
+    x = nn.relu(x)
+    for stage, num_blocks in enumerate(self.stage_sizes):
+      for block in range(num_blocks):
+        x = BasicBlock(
+          features=self.width * 2**stage,
+          strides=2 if stage > 0 and block == 0 else 1,
+          dtype=self.dtype,
+          param_dtype=self.param_dtype,
+          name=f"stage{stage + 1}_block{block + 1}",
+        )(x, train)
+    x = jnp.mean(x, axis=(1, 2))
+    x = nn.Dense(
+      self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name="classifier"
+    )(x)
+    return x.astype(jnp.float32)
+
+
+class SmallCNN(nn.Module):
+  """A small CNN that trains on Fashion-MNIST on a laptop CPU in minutes.
+
+  For each ``features[i]``: 3x3 conv (no bias) -> BN -> ReLU, with stride 2 on every layer but
+  the first; then global average pooling and ``Dense(num_classes)``. On 28x28x1 inputs with the
+  default ``features=(32, 64, 128)`` the feature maps are 28 -> 14 -> 7.
+
+  Attributes:
+    num_classes: number of classes.
+    features: output channels of the convolutions.
+    dtype: computation dtype; logits are returned in float32.
+    param_dtype: parameter dtype.
+  """
+
+  num_classes: int = 10
+  features: Sequence[int] = (32, 64, 128)
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: Array, train: bool = False) -> Array:
+    """Classifies ``images (B, H, W, C)`` into logits ``(B, num_classes)`` (float32)."""
+    _check_images(images)
+    _check_positive("num_classes", self.num_classes)
+    if len(self.features) == 0:
+      raise ValueError(f"features: expected a non-empty sequence, got {self.features!r}")
+    for f in self.features:
+      _check_positive("features", f)
+    x = images.astype(self.dtype or jnp.result_type(images.dtype, jnp.float32))
+    for i, f in enumerate(self.features):
+      s = 1 if i == 0 else 2
+      x = nn.Conv(
+        f,
+        (3, 3),
+        strides=(s, s),
+        padding=((1, 1), (1, 1)),
+        use_bias=False,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name=f"conv{i + 1}",
+      )(x)
+      x = nn.BatchNorm(
+        use_running_average=not train,
+        momentum=_BN_MOMENTUM,
+        epsilon=_BN_EPSILON,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name=f"bn{i + 1}",
+      )(x)
+      x = nn.relu(x)
+    x = jnp.mean(x, axis=(1, 2))
+    x = nn.Dense(
+      self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name="classifier"
+    )(x)
+    return x.astype(jnp.float32)
