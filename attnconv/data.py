@@ -4,13 +4,14 @@ Every dataset goes through one code path, tensorflow-datasets (tfds):
 
 * ``cifar10`` is tfds' own builder (``tfds.builder("cifar10")``, i.e. what ``tfds.load`` uses);
   tfds downloads it into ``data_dir`` the first time, when the machine is online.
-* ``fashion_mnist`` is :class:`FashionMnistLocal`, a small ``GeneratorBasedBuilder`` that
-  prepares the four official IDX ``.gz`` files from a local directory (``manual_dir``, then
-  ``$ATTNCONV_FASHION_MNIST_DIR``, then ``/usr/share/datasets/fashion-mnist`` where the Debian
-  package ``dataset-fashion-mnist`` installs them) into ``data_dir`` the first time, so nothing
-  is ever downloaded.
+* ``fashion_mnist`` is ``fashion_mnist_local`` (version 1.0.0; :func:`fashion_mnist_builder`), a
+  small ``GeneratorBasedBuilder`` that prepares the four official IDX ``.gz`` files from a local
+  directory (``manual_dir``, then ``$ATTNCONV_FASHION_MNIST_DIR``, then
+  ``/usr/share/datasets/fashion-mnist`` where the Debian package ``dataset-fashion-mnist``
+  installs them) into ``<data_dir>/fashion_mnist_local/1.0.0/`` the first time (raw uint8
+  tfrecords, official order), so nothing is ever downloaded; later calls only read it.
 
-Both builders are then read once with ``builder.as_dataset(batch_size=-1)`` and the whole
+Both builders are then read once with ``builder.as_dataset`` (shards in order) and the whole
 (small) dataset is held in memory as numpy ``uint8`` arrays (:class:`Dataset`). TensorFlow never
 runs inside the training loop: batching (:func:`batch_at_step`) is a pure function of
 ``(seed, step)``, so a resumed run sees exactly the same batches, and augmentation
@@ -50,6 +51,7 @@ __all__ = [
   "batch_at_step",
   "epoch_permutation",
   "eval_batches",
+  "fashion_mnist_builder",
   "find_fashion_mnist_dir",
   "load_dataset",
   "normalize",
@@ -294,6 +296,20 @@ def _fashion_mnist_builder_class() -> type:
   return FashionMnistLocal
 
 
+def fashion_mnist_builder(data_dir: str | os.PathLike | None = None):
+  """The tfds builder ``fashion_mnist_local`` (not registered in tfds' global registry).
+
+  Args:
+    data_dir: tfds data directory (``None``: ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``).
+
+  Returns:
+    A ``tfds.core.GeneratorBasedBuilder``; prepare it with
+    ``builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=...))``
+    where ``manual_dir`` holds the four IDX ``.gz`` files.
+  """
+  return _fashion_mnist_builder_class()(data_dir=None if data_dir is None else os.fspath(data_dir))
+
+
 # ----------------------------------------------------------------------------------------------
 # Loading.
 
@@ -314,9 +330,9 @@ def _read_tfds(name: str, data_dir, manual_dir) -> dict[str, tuple[np.ndarray, n
 
   _hide_gpus_from_tensorflow()
   if name == "cifar10":
-    builder = tfds.builder("cifar10", data_dir=data_dir)
+    builder = tfds.builder("cifar10", data_dir=None if data_dir is None else os.fspath(data_dir))
   else:
-    builder = _fashion_mnist_builder_class()(data_dir=data_dir)
+    builder = fashion_mnist_builder(data_dir)
   if not builder.is_prepared():
     if name == "fashion_mnist":  # only needed the first time
       manual_dir = find_fashion_mnist_dir(manual_dir)

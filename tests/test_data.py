@@ -165,6 +165,11 @@ def test_fashion_mnist_roundtrip_exact(fashion):
   assert full.mean == data.FASHION_MNIST_MEAN == (0.2860,)
   assert full.std == data.FASHION_MNIST_STD == (0.3530,)
   assert full.crop_padding == 2 and full.flip is True
+  builder = data.fashion_mnist_builder(fashion[2])
+  assert builder.name == "fashion_mnist_local" and str(builder.version) == "1.0.0"
+  assert builder.is_prepared() and (fashion[2] / "fashion_mnist_local" / "1.0.0").is_dir()
+  assert builder.info.features["image"].shape == (28, 28, 1)
+  assert builder.info.splits["train"].num_examples == NUM_TRAIN
 
 
 def test_fashion_mnist_splits_stratified_and_nested(fashion):
