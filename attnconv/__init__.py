@@ -6,6 +6,7 @@ Convolutional Layers" (ICLR 2020): relative-position self-attention (:mod:`attnc
 (:mod:`attnconv.construction`) and its finite-alpha error bound (:mod:`attnconv.bounds`).
 """
 
+from attnconv.bounds import alpha_for_tolerance, softmax_emulation_error_bound
 from attnconv.construction import (
   attention_to_conv,
   conv_to_attention,
@@ -17,14 +18,9 @@ __version__ = "0.1.0"
 
 __all__ = [
   "MultiHeadRelativeAttention",
+  "alpha_for_tolerance",
+  "softmax_emulation_error_bound",
   "attention_to_conv",
   "conv_to_attention",
   "convolutions_as_attention",
 ]
-
-try:  # the bound lives in its own module (added with the proofs)
-  from attnconv.bounds import alpha_for_tolerance, softmax_emulation_error_bound  # noqa: F401
-
-  __all__ += ["alpha_for_tolerance", "softmax_emulation_error_bound"]
-except ImportError:  # pragma: no cover
-  pass

@@ -234,6 +234,25 @@ def query_grid(
   return tuple(out)
 
 
+def _gather_views(
+  keys: Array, key_positions: Sequence[Array], query_positions: Sequence[Array], centers: Array
+) -> list[Array]:
+  """Per head, the strided view of the key grid read by the hard limit: ``[(B, Nq, C)]``."""
+  b, c = keys.shape[0], keys.shape[-1]
+  q_np = [np.asarray(q) for q in query_positions]
+  k0 = [int(np.asarray(k)[0]) for k in key_positions]
+  strides = [int(q[1] - q[0]) if q.shape[0] > 1 else 1 for q in q_np]
+  size = [(q.shape[0] - 1) * s + 1 for q, s in zip(q_np, strides)]
+  shift = jnp.round(centers).astype(jnp.int32)
+  views = []
+  for h in range(centers.shape[0]):
+    start = [0] + [int(q[0]) - k0[a] + shift[h, a] for a, q in enumerate(q_np)] + [0]
+    win = lax.dynamic_slice(keys, start, (b, *size, c))
+    win = win[(slice(None), *(slice(None, None, s) for s in strides), slice(None))]
+    views.append(win.reshape(b, -1, c))
+  return views
+
+
 def gather_hard(
   keys: Array, key_positions: Sequence[Array], query_positions: Sequence[Array], centers: Array
 ) -> Array:
@@ -252,20 +271,31 @@ def gather_hard(
   Returns:
     ``(B, Nq, H, C)``.
   """
-  b, c = keys.shape[0], keys.shape[-1]
-  q_np = [np.asarray(q) for q in query_positions]
-  k0 = [int(np.asarray(k)[0]) for k in key_positions]
-  strides = [int(q[1] - q[0]) if q.shape[0] > 1 else 1 for q in q_np]
-  n_out = [q.shape[0] for q in q_np]
-  size = [(n - 1) * s + 1 for n, s in zip(n_out, strides)]
-  shift = jnp.round(centers).astype(jnp.int32)
-  views = []
-  for h in range(centers.shape[0]):
-    start = [0] + [int(q[0]) - k0[a] + shift[h, a] for a, q in enumerate(q_np)] + [0]
-    win = lax.dynamic_slice(keys, start, (b, *size, c))
-    win = win[(slice(None), *(slice(None, None, s) for s in strides), slice(None))]
-    views.append(win.reshape(b, -1, c))
-  return jnp.stack(views, axis=2)
+  return jnp.stack(_gather_views(keys, key_positions, query_positions, centers), axis=2)
+
+
+def gather_project(
+  keys: Array,
+  key_positions: Sequence[Array],
+  query_positions: Sequence[Array],
+  centers: Array,
+  kernel: Array,
+  *,
+  precision=None,
+) -> Array:
+  """``sum_h view_h W^(h)``: :func:`gather_hard` followed by the per-head projection, fused.
+
+  Accumulates one ``(B, Nq, C) @ (C, D)`` product per head (per kernel tap), the cost of a
+  direct convolution, without forming the ``(B, Nq, H, C)`` stack.
+
+  Returns:
+    ``(B, Nq, D)``.
+  """
+  acc = None
+  for h, view in enumerate(_gather_views(keys, key_positions, query_positions, centers)):
+    y = jnp.matmul(view, kernel[h], precision=precision)
+    acc = y if acc is None else acc + y
+  return acc
 
 
 # ----------------------------------------------------------------------------------------------

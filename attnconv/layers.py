@@ -406,7 +406,7 @@ class MultiHeadRelativeAttention(nn.Module):
             f"{self.value_features}"
           )
         centers = self.get_variable("params", "centers")
-        heads = attn.gather_hard(keys, kpos, qpos, centers)
+        y = attn.gather_project(keys, kpos, qpos, centers, kernel, precision=self.precision)
         if sow:
           self.sow(
             "intermediates",

@@ -1,0 +1,107 @@
+"""Shared benchmark harness: timing medians after warm-up, peak memory, machine description."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+
+def machine_info() -> dict[str, Any]:
+  """CPU/GPU model, core count, library versions."""
+  import flax
+  import optax
+
+  cpu = platform.processor()
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          cpu = line.split(":", 1)[1].strip()
+          break
+  except OSError:
+    pass
+  return {
+    "cpu": cpu,
+    "cores": os.cpu_count(),
+    "devices": [f"{d.platform}:{d.device_kind}" for d in jax.devices()],
+    "python": sys.version.split()[0],
+    "jax": jax.__version__,
+    "flax": flax.__version__,
+    "optax": optax.__version__,
+    "command": " ".join([os.path.basename(sys.executable), "-m", *sys.argv]),
+  }
+
+
+def time_fn(fn: Callable[[], Any], *, warmup: int = 2, repeats: int = 5) -> dict[str, float]:
+  """Median and spread of wall time (seconds) of ``fn()`` (blocking on its result)."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn())
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t)
+  return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
+
+
+def peak_memory_of(code: str, timeout: float = 1800) -> float | None:
+  """Peak resident memory (GiB) of a fresh Python process running ``code`` (CPU runs).
+
+  Measuring in a subprocess isolates each configuration's peak (ru_maxrss of the child).
+  """
+  wrapper = (
+    code
+    + "\nimport resource, sys\n"
+    + "sys.stdout.write('PEAK_KB=%d\\n' % resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+  )
+  try:
+    out = subprocess.run(
+      [sys.executable, "-c", wrapper], capture_output=True, text=True, timeout=timeout, check=False
+    )
+  except subprocess.TimeoutExpired:
+    return None
+  for line in out.stdout.splitlines():
+    if line.startswith("PEAK_KB="):
+      return int(line.split("=")[1]) / 2**20
+  sys.stderr.write(out.stderr[-2000:])
+  return None
+
+
+def device_peak_memory() -> float | None:
+  """Peak device memory (GiB) on accelerators that report it, else None."""
+  stats = jax.devices()[0].memory_stats() if hasattr(jax.devices()[0], "memory_stats") else None
+  if stats and "peak_bytes_in_use" in stats:
+    return stats["peak_bytes_in_use"] / 2**30
+  return None
+
+
+def self_peak_rss_gib() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def write_json(path: str, payload: dict) -> None:
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(payload, f, indent=2)
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+  head = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
+  body = ""
+  for r in rows:
+    cells = []
+    for c in columns:
+      v = r.get(c, "")
+      cells.append(f"{v:.3g}" if isinstance(v, float) else str(v))
+    body += "| " + " | ".join(cells) + " |\n"
+  return head + body
