@@ -1,0 +1,1 @@
+"""Experiments: the trainer, configs, evaluation and plots (forkable; depends on attnconv)."""

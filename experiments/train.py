@@ -1,0 +1,628 @@
+"""Training and evaluation loop: ``train_and_evaluate(config, workdir)``.
+
+* SGD with momentum and PyTorch-style coupled L2 weight decay (``grad += wd * param`` before
+  momentum), not applied to the quadratic attention's ``centers`` / ``spreads``; warm-up + cosine
+  or step learning-rate schedule, updated every step.
+* One jitted train step (``jax.jit``, state donated), data parallel over all visible devices: a
+  1-D ``jax.sharding.Mesh`` with axis ``"data"``, batch sharded along it, state replicated.
+* Batches are a pure function of ``(seed, step)`` (:func:`attnconv.data.batch_at_step`);
+  augmentation and dropout use ``fold_in(key, step)``. With the train-metric accumulators kept in
+  the state, a run resumed from a checkpoint is bit-identical to an uninterrupted one.
+* Orbax ``CheckpointManager`` in ``<workdir>/checkpoints`` (params, batch_stats, optimizer state,
+  step, RNG key, metric accumulators) with automatic resume; the best-validation weights in
+  ``<workdir>/best``.
+* ``<workdir>/config.json``, ``metrics.jsonl`` (one JSON object per evaluation),
+  ``centers.jsonl`` (quadratic attention centres per evaluation), ``summary.json``, ``plots/``.
+* Model selection is on the validation split only: ``final_test_accuracy`` is the test accuracy
+  of the evaluation with the best validation accuracy; ``last_test_accuracy`` that of the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from attnconv import data as data_lib
+from attnconv.models import build_model, count_params
+
+__all__ = [
+  "TrainState",
+  "build_optimizer",
+  "create_learning_rate_schedule",
+  "find_params",
+  "load_dataset_from_config",
+  "num_train_steps",
+  "train_and_evaluate",
+  "weight_decay_mask",
+]
+
+NO_DECAY_NAMES = ("centers", "spreads")
+METRICS_FILE = "metrics.jsonl"
+CENTERS_FILE = "centers.jsonl"
+SUMMARY_FILE = "summary.json"
+CONFIG_FILE = "config.json"
+
+
+class TrainState(flax.struct.PyTreeNode):
+  """Everything a checkpoint holds; a pytree of arrays.
+
+  Attributes:
+    step: int32 scalar, number of optimizer updates done.
+    params: model parameters.
+    batch_stats: BatchNorm statistics (``{}`` for models without).
+    opt_state: optax state.
+    rng: ``(2,)`` uint32 raw PRNG key (per-step keys are ``fold_in(rng, step)``).
+    loss_sum, correct_sum, count: float32 train-metric accumulators since the last evaluation.
+    nonfinite_step: int32, first step whose loss was NaN/inf (-1: none).
+  """
+
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  rng: jax.Array
+  loss_sum: jax.Array
+  correct_sum: jax.Array
+  count: jax.Array
+  nonfinite_step: jax.Array
+
+
+# ----------------------------------------------------------------------------------------------
+# Config helpers.
+
+
+def _opt(value: Any, none_if: Any) -> Any:
+  """Maps the config's 'unset' sentinels ('' / -1 / None) to None."""
+  return None if value is None or value == none_if else value
+
+
+def load_dataset_from_config(config: ml_collections.ConfigDict) -> data_lib.Dataset:
+  """Loads ``config.dataset`` with :func:`attnconv.data.load_dataset`."""
+  d = config.dataset
+  return data_lib.load_dataset(
+    d.name,
+    data_dir=_opt(d.get("data_dir"), ""),
+    manual_dir=_opt(d.get("manual_dir"), ""),
+    val_size=d.get("val_size", 5000),
+    train_size=_opt(d.get("train_size"), -1),
+    seed=d.get("seed", 0),
+    crop_padding=_opt(d.get("crop_padding"), -1),
+    flip=d.get("flip"),
+  )
+
+
+def num_train_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+  """``config.num_train_steps`` if positive, else ``num_epochs * steps_per_epoch``."""
+  if config.get("num_train_steps", -1) > 0:
+    return int(config.num_train_steps)
+  if config.num_epochs <= 0:
+    raise ValueError(
+      f"config.num_epochs: expected a positive number when num_train_steps <= 0, got "
+      f"{config.num_epochs}"
+    )
+  return int(math.ceil(config.num_epochs * steps_per_epoch))
+
+
+def create_learning_rate_schedule(
+  config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int
+) -> optax.Schedule:
+  """The per-step learning rate.
+
+  ``"warmup_cosine"``: linear 0 -> lr over ``int(warmup_ratio * total_steps)`` steps, then
+  ``0.5 * lr * (1 + cos(pi * progress))`` to 0 at ``total_steps``. ``"step"``: lr divided by
+  ``decay_factor`` at the start of each epoch in ``decay_epochs``. ``"constant"``: lr.
+  """
+  lr = float(config.learning_rate)
+  name = config.schedule
+  if name == "warmup_cosine":
+    warmup = int(config.warmup_ratio * total_steps)
+    return optax.warmup_cosine_decay_schedule(
+      init_value=0.0,
+      peak_value=lr,
+      warmup_steps=warmup,
+      decay_steps=max(total_steps, warmup + 1),
+      end_value=0.0,
+    )
+  if name == "step":
+    if config.decay_factor <= 0:
+      raise ValueError(f"config.decay_factor: expected > 0, got {config.decay_factor}")
+    boundaries = {int(e * steps_per_epoch): 1.0 / config.decay_factor for e in config.decay_epochs}
+    return optax.piecewise_constant_schedule(lr, boundaries)
+  if name == "constant":
+    return optax.constant_schedule(lr)
+  raise ValueError(f"config.schedule: expected 'warmup_cosine', 'step' or 'constant', got {name!r}")
+
+
+def weight_decay_mask(params: Any) -> Any:
+  """Pytree of bools: True for every parameter except those named ``centers`` / ``spreads``."""
+
+  def decay(path, _):
+    names = {getattr(k, "key", getattr(k, "name", None)) for k in path}
+    return not names.intersection(NO_DECAY_NAMES)
+
+  return jax.tree_util.tree_map_with_path(decay, params)
+
+
+def build_optimizer(
+  config: ml_collections.ConfigDict, schedule: optax.Schedule
+) -> optax.GradientTransformation:
+  """SGD + momentum with PyTorch's coupled L2 decay, masked off centres and spreads."""
+  return optax.chain(
+    optax.add_decayed_weights(config.weight_decay, mask=weight_decay_mask),
+    optax.sgd(schedule, momentum=config.momentum or None),
+  )
+
+
+def find_params(tree: Any, name: str) -> dict[str, np.ndarray]:
+  """All leaves of ``tree`` whose last path key is ``name``, keyed by ``'/'``-joined path."""
+  found = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    keys = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+    if keys and keys[-1] == name:
+      found["/".join(keys[:-1])] = np.asarray(leaf)
+  return found
+
+
+def _build_model(config: ml_collections.ConfigDict, num_classes: int):
+  kwargs = config.model.to_dict()
+  name = kwargs.pop("name")
+  for key, value in list(kwargs.items()):
+    if isinstance(value, list):
+      kwargs[key] = tuple(value)
+  kwargs["num_classes"] = num_classes
+  dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+  if config.dtype not in dtypes:
+    raise ValueError(f"config.dtype: expected one of {sorted(dtypes)}, got {config.dtype!r}")
+  if config.dtype != "float32":
+    kwargs["dtype"] = dtypes[config.dtype]
+  return build_model(name, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Steps.
+
+
+def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+
+
+def _make_train_step(model, tx, dataset: data_lib.Dataset) -> Callable:
+  crop_padding, flip = dataset.crop_padding, dataset.flip
+  mean, std = dataset.mean, dataset.std
+
+  def train_step(state: TrainState, images: jax.Array, labels: jax.Array):
+    step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    aug_key, dropout_key = jax.random.split(step_key)
+    images = data_lib.augment(aug_key, images, crop_padding=crop_padding, flip=flip)
+    images = data_lib.normalize(images, mean, std)
+
+    def loss_fn(params):
+      variables = {"params": params}
+      if state.batch_stats:
+        variables["batch_stats"] = state.batch_stats
+      logits, updates = model.apply(
+        variables, images, train=True, rngs={"dropout": dropout_key}, mutable=["batch_stats"]
+      )
+      loss = jnp.mean(_cross_entropy(logits, labels))
+      return loss, (logits, updates.get("batch_stats", {}))
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    correct = jnp.sum(jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+    finite = jnp.isfinite(loss)
+    nonfinite_step = jnp.where(
+      (state.nonfinite_step < 0) & ~finite, state.step, state.nonfinite_step
+    )
+    new_state = state.replace(
+      step=state.step + 1,
+      params=params,
+      batch_stats=batch_stats,
+      opt_state=opt_state,
+      loss_sum=state.loss_sum + loss * labels.shape[0],
+      correct_sum=state.correct_sum + correct,
+      count=state.count + labels.shape[0],
+      nonfinite_step=nonfinite_step,
+    )
+    return new_state, loss
+
+  return train_step
+
+
+def _make_eval_step(model, dataset: data_lib.Dataset) -> Callable:
+  mean, std = dataset.mean, dataset.std
+
+  def eval_step(params, batch_stats, images, labels, mask):
+    variables = {"params": params}
+    if batch_stats:
+      variables["batch_stats"] = batch_stats
+    logits = model.apply(variables, data_lib.normalize(images, mean, std), train=False)
+    loss = _cross_entropy(logits, labels)
+    correct = (jnp.argmax(logits, -1) == labels) & mask
+    return jnp.sum(jnp.where(mask, loss, 0.0)), jnp.sum(correct.astype(jnp.float32))
+
+  return eval_step
+
+
+def evaluate(
+  eval_step: Callable,
+  params: Any,
+  batch_stats: Any,
+  images: np.ndarray,
+  labels: np.ndarray,
+  batch_size: int,
+  sharding: NamedSharding,
+) -> dict[str, float]:
+  """Accuracy and mean cross-entropy over a whole split (``nan`` for an empty split)."""
+  n = int(images.shape[0])
+  if n == 0:
+    return {"accuracy": float("nan"), "loss": float("nan")}
+  loss_sum, correct_sum = 0.0, 0.0
+  sums = []
+  for batch_images, batch_labels, mask in data_lib.eval_batches(images, labels, batch_size):
+    args = jax.device_put((batch_images, batch_labels, mask), sharding)
+    sums.append(eval_step(params, batch_stats, *args))
+  for loss, correct in jax.device_get(sums):
+    loss_sum += float(loss)
+    correct_sum += float(correct)
+  return {"accuracy": correct_sum / n, "loss": loss_sum / n}
+
+
+# ----------------------------------------------------------------------------------------------
+# Files.
+
+
+def _read_jsonl(path: pathlib.Path) -> list[dict]:
+  if not path.exists():
+    return []
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _truncate_jsonl(path: pathlib.Path, max_step: int) -> list[dict]:
+  """Drops events after ``max_step`` (written before a kill, to be redone); returns the rest."""
+  records = [r for r in _read_jsonl(path) if r.get("step", 0) <= max_step]
+  if path.exists():
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+  return records
+
+
+def _append_jsonl(path: pathlib.Path, record: dict) -> None:
+  with path.open("a") as f:
+    f.write(json.dumps(record) + "\n")
+
+
+def _json_default(value: Any) -> Any:
+  if isinstance(value, np.generic):
+    return value.item()
+  if isinstance(value, np.ndarray):
+    return value.tolist()
+  return str(value)
+
+
+def _to_python(x: Any) -> Any:
+  return float(x) if isinstance(x, np.floating | float) else x
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop.
+
+
+def train_and_evaluate(
+  config: ml_collections.ConfigDict,
+  workdir: str | os.PathLike,
+  *,
+  dataset: data_lib.Dataset | None = None,
+) -> dict[str, Any]:
+  """Trains ``config.model`` on ``config.dataset``, resuming from ``workdir`` if possible.
+
+  Args:
+    config: a config from ``experiments/configs`` (fields in
+      :func:`experiments.configs.common.base_config`).
+    workdir: output directory (created if needed): checkpoints, metrics, summary, plots.
+    dataset: optional pre-loaded :class:`attnconv.data.Dataset` (tests); by default it is loaded
+      from ``config.dataset``.
+
+  Returns:
+    The summary dict written to ``<workdir>/summary.json``; when the run stopped early because of
+    ``config.stop_after_steps``, the summary of the partial run (not written).
+
+  Raises:
+    ValueError: if ``batch_size`` is not divisible by the device count, or a config field is
+      invalid.
+    FloatingPointError: if the training loss becomes NaN or inf (the step is named; checkpoints
+      written before that step are kept, none is written after it).
+  """
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  if dataset is None:
+    dataset = load_dataset_from_config(config)
+  (workdir / CONFIG_FILE).write_text(
+    json.dumps(config.to_dict(), indent=2, default=_json_default) + "\n"
+  )
+
+  # --- Devices and mesh. ---------------------------------------------------------------------
+  devices = jax.devices()
+  num_devices = len(devices)
+  batch_size = int(config.batch_size)
+  if batch_size % num_devices:
+    raise ValueError(
+      f"config.batch_size: expected a multiple of the device count {num_devices}, got {batch_size}"
+    )
+  eval_batch_size = int(config.get("eval_batch_size", -1))
+  eval_batch_size = batch_size if eval_batch_size <= 0 else eval_batch_size
+  if eval_batch_size % num_devices:
+    raise ValueError(
+      f"config.eval_batch_size: expected a multiple of the device count {num_devices}, got "
+      f"{eval_batch_size}"
+    )
+  mesh = Mesh(np.asarray(devices), ("data",))
+  replicated = NamedSharding(mesh, P())
+  data_sharding = NamedSharding(mesh, P("data"))
+
+  # --- Steps, schedule, model, optimizer. -----------------------------------------------------
+  per_epoch = data_lib.steps_per_epoch(dataset, batch_size)
+  total_steps = num_train_steps(config, per_epoch)
+  eval_every = int(config.get("eval_every_steps", -1))
+  eval_every = per_epoch if eval_every <= 0 else eval_every
+  ckpt_every = int(config.get("checkpoint_every_steps", -1))
+  ckpt_every = per_epoch if ckpt_every <= 0 else ckpt_every
+  log_every = max(1, int(config.get("log_every_steps", 50)))
+  stop_after = int(config.get("stop_after_steps", -1))
+  schedule = create_learning_rate_schedule(config, per_epoch, total_steps)
+  tx = build_optimizer(config, schedule)
+  model = _build_model(config, dataset.num_classes)
+
+  # --- Initial state (jitted init, replicated). ----------------------------------------------
+  rng = jax.random.key(int(config.seed))
+  init_key, train_key = jax.random.split(rng)
+  sample = jnp.zeros((1, *dataset.image_shape), jnp.float32)
+
+  def init_fn(key):
+    params_key, dropout_key = jax.random.split(key)
+    variables = model.init({"params": params_key, "dropout": dropout_key}, sample, train=False)
+    params = variables["params"]
+    zero = jnp.zeros((), jnp.float32)
+    return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      batch_stats=variables.get("batch_stats", {}),
+      opt_state=tx.init(params),
+      rng=jax.random.key_data(train_key),
+      loss_sum=zero,
+      correct_sum=zero,
+      count=zero,
+      nonfinite_step=-jnp.ones((), jnp.int32),
+    )
+
+  state = jax.jit(init_fn, out_shardings=replicated)(init_key)
+  num_params = count_params(state.params)
+
+  # --- Checkpoints: resume from the latest. ---------------------------------------------------
+  options = ocp.CheckpointManagerOptions(
+    max_to_keep=int(config.get("keep_checkpoints", 3)), create=True
+  )
+  manager = ocp.CheckpointManager((workdir / "checkpoints").absolute(), options=options)
+  best_manager = ocp.CheckpointManager(
+    (workdir / "best").absolute(), options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
+  )
+  latest = manager.latest_step()
+  if latest is not None:
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
+    state = manager.restore(latest, args=ocp.args.StandardRestore(abstract))
+    print(f"Resumed from {workdir / 'checkpoints'} at step {latest}.", flush=True)
+  start_step = int(jax.device_get(state.step))
+  metrics_path = workdir / METRICS_FILE
+  centers_path = workdir / CENTERS_FILE
+  history = _truncate_jsonl(metrics_path, start_step)
+  _truncate_jsonl(centers_path, start_step)
+  if latest is None and start_step == 0:
+    for path in (metrics_path, centers_path):
+      path.unlink(missing_ok=True)
+    history = []
+  has_centers = bool(find_params(jax.device_get(state.params), "centers"))
+  if has_centers and start_step == 0:
+    _log_centers(centers_path, 0, state.params)
+
+  best = {"val_accuracy": -1.0, "step": -1, "test_accuracy": float("nan")}
+  for record in history:
+    if "val_accuracy" in record and _better(record["val_accuracy"], best["val_accuracy"]):
+      best = {
+        "val_accuracy": record["val_accuracy"],
+        "step": record["step"],
+        "test_accuracy": record.get("test_accuracy", float("nan")),
+      }
+  train_seconds = float(history[-1].get("train_seconds", 0.0)) if history else 0.0
+
+  # --- Jitted steps. --------------------------------------------------------------------------
+  train_step = jax.jit(
+    _make_train_step(model, tx, dataset),
+    in_shardings=(replicated, data_sharding, data_sharding),
+    out_shardings=(replicated, replicated),
+    donate_argnums=0,
+  )
+  eval_step = jax.jit(
+    _make_eval_step(model, dataset),
+    in_shardings=(replicated, replicated, data_sharding, data_sharding, data_sharding),
+    out_shardings=replicated,
+  )
+
+  def check_finite(upto_step: int) -> None:
+    bad = int(jax.device_get(state.nonfinite_step))
+    if bad >= 0:
+      raise FloatingPointError(
+        f"Training loss is NaN or inf at step {bad} (0-based update index; the last checkpoint "
+        f"saved before it is kept in {workdir / 'checkpoints'}). Checked at step {upto_step}."
+      )
+
+  def save(step: int) -> None:
+    check_finite(step)
+    manager.save(step, args=ocp.args.StandardSave(state))
+
+  # --- Loop. ----------------------------------------------------------------------------------
+  bar = None
+  if config.get("progress_bar", True):
+    import tqdm
+
+    bar = tqdm.tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+  seed = int(config.seed)
+  interval_start = time.perf_counter()
+  interval_images = 0
+  total_images_timed, total_time_timed = 0, 0.0
+  last_eval: dict[str, Any] = history[-1] if history else {}
+  stopped_early = False
+  compile_seconds = 0.0
+  step = start_step
+  while step < total_steps:
+    if 0 <= stop_after <= step:
+      stopped_early = True
+      break
+    images, labels = data_lib.batch_at_step(dataset, step, batch_size, seed=seed)
+    images, labels = jax.device_put((images, labels), data_sharding)
+    state, loss = train_step(state, images, labels)
+    step += 1
+    interval_images += batch_size
+    if step == start_step + 1:
+      # Exclude compilation from the throughput (it stays in train_seconds).
+      jax.block_until_ready(state)
+      now = time.perf_counter()
+      compile_seconds = now - interval_start
+      train_seconds += compile_seconds
+      interval_start, interval_images = now, 0
+    if bar is not None:
+      bar.update(1)
+    if step % log_every == 0:
+      check_finite(step)
+      if bar is not None:
+        bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{float(schedule(step - 1)):.4g}")
+    if step % eval_every == 0 or step == total_steps:
+      check_finite(step)
+      jax.block_until_ready(state)
+      elapsed = time.perf_counter() - interval_start
+      train_seconds += elapsed
+      total_images_timed += interval_images
+      total_time_timed += elapsed
+      sums = jax.device_get((state.loss_sum, state.correct_sum, state.count))
+      count = max(float(sums[2]), 1.0)
+      val = evaluate(
+        eval_step,
+        state.params,
+        state.batch_stats,
+        dataset.val_images,
+        dataset.val_labels,
+        eval_batch_size,
+        data_sharding,
+      )
+      test = evaluate(
+        eval_step,
+        state.params,
+        state.batch_stats,
+        dataset.test_images,
+        dataset.test_labels,
+        eval_batch_size,
+        data_sharding,
+      )
+      record = {
+        "step": step,
+        "epoch": step / per_epoch,
+        "lr": float(schedule(step - 1)),
+        "train_loss": float(sums[0]) / count,
+        "train_accuracy": float(sums[1]) / count,
+        "val_loss": val["loss"],
+        "val_accuracy": val["accuracy"],
+        "test_loss": test["loss"],
+        "test_accuracy": test["accuracy"],
+        "images_per_second": interval_images / elapsed if interval_images else None,
+        "train_seconds": train_seconds,
+      }
+      _append_jsonl(metrics_path, record)
+      last_eval = record
+      if has_centers:
+        _log_centers(centers_path, step, state.params)
+      if _better(val["accuracy"], best["val_accuracy"]):
+        best = {"val_accuracy": val["accuracy"], "step": step, "test_accuracy": test["accuracy"]}
+        best_manager.save(
+          step,
+          args=ocp.args.StandardSave({"params": state.params, "batch_stats": state.batch_stats}),
+          force=True,
+        )
+      if bar is not None:
+        bar.write(
+          f"step {step} epoch {record['epoch']:.2f}: train_loss {record['train_loss']:.4f} "
+          f"train_acc {record['train_accuracy']:.4f} val_acc {val['accuracy']:.4f} "
+          f"test_acc {test['accuracy']:.4f}"
+        )
+      # Three distinct buffers: the whole state is donated to the next step.
+      zeros = [jax.device_put(np.zeros((), np.float32), replicated) for _ in range(3)]
+      state = state.replace(loss_sum=zeros[0], correct_sum=zeros[1], count=zeros[2])
+      interval_start = time.perf_counter()
+      interval_images = 0
+    if step % ckpt_every == 0 or step == total_steps:
+      save(step)
+  if bar is not None:
+    bar.close()
+  manager.wait_until_finished()
+  best_manager.wait_until_finished()
+
+  summary = {
+    "num_params": num_params,
+    "best_val_accuracy": best["val_accuracy"] if best["step"] >= 0 else None,
+    "best_val_step": best["step"] if best["step"] >= 0 else None,
+    "final_test_accuracy": best["test_accuracy"] if best["step"] >= 0 else None,
+    "final_test_accuracy_note": (
+      "test accuracy of the evaluation with the best validation accuracy (model selected on "
+      "validation, never on test)"
+    ),
+    "last_val_accuracy": last_eval.get("val_accuracy"),
+    "last_test_accuracy": last_eval.get("test_accuracy"),
+    "last_train_loss": last_eval.get("train_loss"),
+    "train_seconds": train_seconds,
+    "compile_seconds": compile_seconds,
+    "images_per_second": (total_images_timed / total_time_timed if total_time_timed > 0 else None),
+    "devices": {"count": num_devices, "kinds": sorted({d.device_kind for d in devices})},
+    "platform": devices[0].platform,
+    "steps": step,
+    "epochs": step / per_epoch,
+    "steps_per_epoch": per_epoch,
+    "batch_size": batch_size,
+    "completed": not stopped_early,
+  }
+  if stopped_early:
+    manager.close()
+    best_manager.close()
+    return summary
+  (workdir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")
+  if config.get("plot", True):
+    try:
+      from experiments import plots
+
+      plots.plot_workdir(workdir, model=model, state=state, dataset=dataset)
+    except Exception as e:  # plots must never lose a finished run
+      print(f"Plotting failed: {type(e).__name__}: {e}", flush=True)
+  manager.close()
+  best_manager.close()
+  return summary
+
+
+def _better(value: float, best: float) -> bool:
+  return value is not None and not math.isnan(value) and value > best
+
+
+def _log_centers(path: pathlib.Path, step: int, params: Any) -> None:
+  centers = find_params(jax.device_get(params), "centers")
+  _append_jsonl(path, {"step": step, "centers": {k: v.tolist() for k, v in centers.items()}})
