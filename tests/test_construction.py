@@ -196,15 +196,24 @@ def _data(cfg: ConvConfig, *, integer: bool = False, dtype=np.float32):
 # ----------------------------------------------------------------------------------------------
 
 
-def flax_reference(cfg: ConvConfig, x, kernel, bias):
+def _flax_apply(cfg: ConvConfig, x, kernel, bias):
   params = {"kernel": kernel}
   if bias is not None:
     params["bias"] = bias
   return cfg.flax_conv().apply({"params": params}, x)
 
 
+def flax_reference(cfg: ConvConfig, x, kernel, bias):
+  """``flax.linen.Conv`` (jitted: one compilation per example is cheaper than eager dispatch)."""
+  return jax.jit(lambda *a: _flax_apply(cfg, *a))(x, kernel, bias)
+
+
 def lax_reference(cfg: ConvConfig, x, kernel, bias):
   """``jax.lax.conv_general_dilated`` with the arguments flax.linen.Conv derives."""
+  return jax.jit(lambda *a: _lax_apply(cfg, *a))(x, kernel, bias)
+
+
+def _lax_apply(cfg: ConvConfig, x, kernel, bias):
   d = cfg.d
   window = [(k - 1) * r + 1 for k, r in zip(cfg.kernel_size, cfg.kernel_dilation)]
   pad = cfg.padding
@@ -236,11 +245,17 @@ def lax_reference(cfg: ConvConfig, x, kernel, bias):
   return y if bias is None else y + bias
 
 
-def emulate(cfg: ConvConfig, x, kernel, bias, *, implementation="dense", alpha=None):
+def _emulate(cfg: ConvConfig, x, kernel, bias, *, implementation="dense", alpha=None):
   module, variables = conv_to_attention(
     kernel, bias, alpha=alpha, implementation=implementation, **cfg.geometry()
   )
   return module.apply(variables, x)
+
+
+def emulate(cfg: ConvConfig, x, kernel, bias, *, implementation="dense", alpha=None):
+  """The attention layer built from ``kernel`` inside the traced function, applied to ``x``."""
+  fn = lambda *a: _emulate(cfg, *a, implementation=implementation, alpha=alpha)  # noqa: E731
+  return jax.jit(fn)(x, kernel, bias)
 
 
 def gamma(n: int, u: float) -> float:
@@ -346,20 +361,22 @@ def test_gradients_match_convolution(cfg: ConvConfig, implementation: str) -> No
   out_shape = _flax_output_shape(cfg)
   g = np.random.default_rng(cfg.seed + 1).standard_normal(out_shape).astype(np.float32)
 
-  def loss(conv_fn, x_, k_, b_):
-    return jnp.sum(conv_fn(x_, k_, b_) * g)
+  abs_g = np.abs(g)
+  attn = lambda x_, k_, b_: _emulate(cfg, x_, k_, b_, implementation=implementation)  # noqa: E731
+  conv = lambda x_, k_, b_: _flax_apply(cfg, x_, k_, b_)  # noqa: E731
+  grads = jax.jit(jax.grad(lambda *a: jnp.sum(attn(*a) * g), argnums=(0, 1, 2)))(x, kernel, bias)
 
-  attn = lambda x_, k_, b_: emulate(cfg, x_, k_, b_, implementation=implementation)  # noqa: E731
-  conv = lambda x_, k_, b_: flax_reference(cfg, x_, k_, b_)  # noqa: E731
-  grads = jax.grad(lambda *a: loss(attn, *a), argnums=(0, 1, 2))(x, kernel, bias)
-  ref = jax.grad(lambda *a: loss(conv, *a), argnums=(0, 1, 2))(x, kernel, bias)
+  @jax.jit
+  def reference(x_, k_, b_):
+    ref = jax.grad(lambda *a: jnp.sum(conv(*a) * g), argnums=(0, 1, 2))(x_, k_, b_)
+    # |.|-bounds of the same linear maps
+    sx = jax.grad(lambda v: jnp.sum(conv(v, jnp.abs(k_), jnp.zeros_like(b_)) * abs_g))(jnp.abs(x_))
+    sk = jax.grad(lambda v: jnp.sum(conv(jnp.abs(x_), v, jnp.zeros_like(b_)) * abs_g))(jnp.abs(k_))
+    return ref, sx, sk
+
+  ref, sx, sk = reference(x, kernel, bias)
   chex.assert_trees_all_equal_shapes(grads, ref)
   chex.assert_tree_all_finite(grads)
-
-  # |.|-bounds of the same linear maps
-  abs_g = np.abs(g)
-  sx = jax.grad(lambda x_: jnp.sum(conv(x_, np.abs(kernel), 0 * bias) * abs_g))(np.abs(x))
-  sk = jax.grad(lambda k_: jnp.sum(conv(np.abs(x), k_, 0 * bias) * abs_g))(np.abs(kernel))
   n_out = math.prod(out_shape[:-1])
   gx = gamma(n_out * cfg.num_heads * cfg.features + cfg.num_heads * cfg.in_features, F32_U)
   gk = gamma(n_out + cfg.num_heads * cfg.in_features, F32_U)
@@ -407,6 +424,12 @@ def _finite_alpha_tolerance(cfg: ConvConfig, num_keys: int, input_bound: float, 
   return 2 * (n * F32_U * input_bound * w_abs + F32_U * b_abs) + 1e-30
 
 
+def _num_keys(module, variables, x) -> int:
+  """Number of keys on the padded key grid, as the bound expects."""
+  keys = jax.eval_shape(lambda v, x_: module.apply(v, x_, method=module.key_values), variables, x)
+  return int(keys.shape[1])
+
+
 @given(cfg=conv_configs(dims=(1, 2), max_channels=2))
 def test_finite_alpha_error_within_bound(cfg: ConvConfig) -> None:
   """max |MHSA_alpha(x) - Conv(x)| <= softmax_emulation_error_bound + float rounding."""
@@ -414,9 +437,11 @@ def test_finite_alpha_error_within_bound(cfg: ConvConfig) -> None:
   x, kernel, bias = _data(cfg)
   ref = np.asarray(flax_reference(cfg, x, kernel, bias), np.float64)
   input_bound = float(np.max(np.abs(x)))
+  module, variables = conv_to_attention(kernel, bias, alpha=1.0, **cfg.geometry())
+  num_keys = _num_keys(module, variables, x)
+  apply = jax.jit(module.apply)  # alpha is a parameter: one compilation for every alpha
   for alpha in (0.5, 2.0, 8.0, 46.0):
-    module, variables = conv_to_attention(kernel, bias, alpha=alpha, **cfg.geometry())
-    num_keys = module.apply(variables, x, method=module.key_values).shape[1]
+    params = dict(variables["params"], alpha=jnp.full_like(variables["params"]["alpha"], alpha))
     bound = bounds.softmax_emulation_error_bound(
       kernel,
       alpha,
@@ -425,7 +450,7 @@ def test_finite_alpha_error_within_bound(cfg: ConvConfig) -> None:
       feature_group_count=cfg.feature_group_count,
     )
     assert bound >= 0.0 and math.isfinite(bound)
-    y = np.asarray(module.apply(variables, x), np.float64)
+    y = np.asarray(apply({"params": params}, x), np.float64)
     tol = bound + _finite_alpha_tolerance(cfg, num_keys, input_bound, kernel, bias)
     err = np.abs(y - ref)
     assert np.all(err <= tol), (
@@ -452,11 +477,11 @@ def test_bound_decreases_to_zero() -> None:
 
 @given(cfg=conv_configs(dims=(1, 2), max_channels=2), tolerance=st.sampled_from([1e-1, 1e-3, 1e-6]))
 def test_alpha_for_tolerance(cfg: ConvConfig, tolerance: float) -> None:
-  """With ``alpha_for_tolerance(eps)`` the bound is <= eps and the measured error <= eps (+ rounding)."""
+  """With ``alpha_for_tolerance(eps)``: bound <= eps and measured error <= eps (+ rounding)."""
   bounds = _bounds_module()
   x, kernel, bias = _data(cfg)
   module, variables = conv_to_attention(kernel, bias, **cfg.geometry())
-  num_keys = module.apply(variables, x, method=module.key_values).shape[1]
+  num_keys = _num_keys(module, variables, x)
   input_bound = float(np.max(np.abs(x)))
   kwargs = dict(
     input_bound=input_bound, num_keys=num_keys, feature_group_count=cfg.feature_group_count
@@ -604,20 +629,28 @@ class TinyResNet(nn.Module):
     x = nn.relu(nn.BatchNorm(use_running_average=True)(nn.Conv(8, (3, 3))(x)))
     x = _Block(8)(x)
     x = _Block(12, strides=2)(x)
-    x = _Block(12)(x)
     return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))
+
+
+def _init(model: nn.Module, x: jax.Array) -> dict:
+  return jax.jit(lambda k, x_: model.init(k, x_))(jax.random.key(0), x)
+
+
+def _apply(model: nn.Module, variables: dict, x: jax.Array) -> jax.Array:
+  """A freshly traced (and compiled) apply: JAX's trace cache cannot see the context."""
+  return jax.jit(lambda v, x_: model.apply(v, x_))(variables, x)
 
 
 @pytest.fixture(scope="module")
 def resnet():
   model = TinyResNet()
   x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
-  variables = model.init(jax.random.key(0), x)
+  variables = _init(model, x)
   # non-trivial batch statistics
   stats = jax.tree.map(
     lambda s: s + 0.1 * jax.random.uniform(jax.random.key(2), s.shape), variables["batch_stats"]
   )
-  return model, {"params": variables["params"], "batch_stats": stats}, x
+  return model, {"params": variables["params"], "batch_stats": stats}, x, variables
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
@@ -627,21 +660,19 @@ def test_resnet_logits_under_context(resnet, implementation: str) -> None:
   Each trace uses a fresh function: JAX caches traces per function object, and the context is
   Python state outside the cache key (see test_context_retraces_cached_functions).
   """
-  model, variables, x = resnet
-  ref = model.apply(variables, x)
+  model, variables, x, _ = resnet
+  ref = _apply(model, variables, x)
   outside = str(jax.make_jaxpr(lambda v, x_: model.apply(v, x_))(variables, x))
   assert "conv_general_dilated" in outside
   with convolutions_as_attention(implementation=implementation):
-    logits = model.apply(variables, x)
     jaxpr = str(jax.make_jaxpr(lambda v, x_: model.apply(v, x_))(variables, x))
-    logits_jit = jax.jit(lambda v, x_: model.apply(v, x_))(variables, x)
+    logits = _apply(model, variables, x)
   assert "conv_general_dilated" not in jaxpr
   after = str(jax.make_jaxpr(lambda v, x_: model.apply(v, x_))(variables, x))
   assert "conv_general_dilated" in after  # the context is left
   chex.assert_shape(logits, (2, 10))
-  # float32 summation-order differences through 7 convolutions of width <= 12 * 9
+  # float32 summation-order differences through 5 convolutions of width <= 12 * 9
   chex.assert_trees_all_close(logits, ref, atol=1e-4, rtol=1e-4)
-  chex.assert_trees_all_close(logits_jit, ref, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.xfail(
@@ -661,14 +692,13 @@ def test_context_retraces_cached_functions() -> None:
 
 def test_resnet_finite_alpha_and_init_under_context(resnet) -> None:
   """model.init works inside the context (same parameters); large finite alpha ~ the ResNet."""
-  model, variables, x = resnet
-  outside = model.init(jax.random.key(0), x)
+  model, variables, x, outside = resnet
   with convolutions_as_attention():
-    inside = model.init(jax.random.key(0), x)
+    inside = _init(model, x)
   chex.assert_trees_all_equal(inside, outside)
-  ref = model.apply(variables, x)
+  ref = _apply(model, variables, x)
   with convolutions_as_attention(alpha=100.0):
-    logits = model.apply(variables, x)
+    logits = _apply(model, variables, x)
   chex.assert_trees_all_close(logits, ref, atol=1e-4, rtol=1e-4)
 
 
