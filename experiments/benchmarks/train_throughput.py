@@ -1,0 +1,178 @@
+"""Training-step throughput and peak memory of every paper model, side by side.
+
+    python -m experiments.benchmarks.train_throughput --out experiments/results/bench_train_cpu.json
+
+For each model (paper sizes: 6 layers, 9 heads, D = 400, CIFAR-shaped 32x32x3 input, SGD with
+momentum) and batch size, one fresh subprocess builds the jitted train step, runs 2 warm-up steps
+and 5 timed steps, and reports the median images/s and its own peak resident memory (CPU) or
+the device's peak memory (GPU). Also prints multiply-adds per image: XLA's count of the forward
+pass (``cost_analysis``) and an analytic count the way the authors' code computes the model
+(dense N x N attention), and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+from experiments.benchmarks import common
+
+MODELS = {
+  "paper_quadratic": ("attention_net", {"encoding": "quadratic"}),
+  "paper_generalized": ("attention_net", {"encoding": "generalized"}),
+  "paper_learned": ("attention_net", {"encoding": "learned"}),
+  "paper_learned_content": ("attention_net", {"encoding": "learned_content"}),
+  "resnet18": ("resnet18", {}),
+}
+
+_CHILD = r"""
+import json, sys, time, statistics
+import jax, jax.numpy as jnp, optax
+from attnconv.models import build_model, count_params
+name, kwargs, batch, dtype, remat, steps = json.loads(sys.argv[1])
+kwargs = dict(kwargs)
+if dtype == "bfloat16":
+  kwargs["dtype"] = jnp.bfloat16
+if remat and name == "attention_net":
+  kwargs["remat"] = True
+model = build_model(name, num_classes=10, **kwargs)
+x = jax.random.normal(jax.random.key(0), (batch, 32, 32, 3))
+y = jnp.zeros((batch,), jnp.int32)
+variables = model.init({"params": jax.random.key(1), "dropout": jax.random.key(2)}, x[:1])
+params = variables["params"]
+state = {k: v for k, v in variables.items() if k != "params"}
+tx = optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(0.1, momentum=0.9))
+opt = tx.init(params)
+mutable = list(state.keys())
+
+def loss_fn(p, st, x, y, rng):
+  out = model.apply({"params": p, **st}, x, True, rngs={"dropout": rng}, mutable=mutable or False)
+  logits, new_st = out if mutable else (out, {})
+  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), new_st
+
+@jax.jit
+def step(p, o, st, x, y, rng):
+  (l, st), g = jax.value_and_grad(loss_fn, has_aux=True)(p, st, x, y, rng)
+  u, o = tx.update(g, o, p)
+  return optax.apply_updates(p, u), o, st, l
+
+fwd = jax.jit(lambda p, st, x: model.apply({"params": p, **st}, x, False))
+cost = fwd.lower(params, state, x[:1]).compile().cost_analysis()
+cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+flops = float(cost.get("flops", 0.0)) if cost else 0.0
+rng = jax.random.key(3)
+for _ in range(2):
+  params, opt, state, l = step(params, opt, state, x, y, rng); l.block_until_ready()
+times = []
+for _ in range(steps):
+  t = time.perf_counter()
+  params, opt, state, l = step(params, opt, state, x, y, rng); l.block_until_ready()
+  times.append(time.perf_counter() - t)
+med = statistics.median(times)
+dev = jax.devices()[0]
+peak = None
+try:
+  peak = dev.memory_stats()["peak_bytes_in_use"] / 2**30
+except Exception:
+  pass
+print("RESULT=" + json.dumps({"images_per_second": batch / med, "step_s": med,
+      "params": count_params(params), "xla_fwd_macs_per_image": flops / 2,
+      "device_peak_gib": peak, "device": dev.device_kind}))
+"""
+
+
+def analytic_macs(
+  encoding: str,
+  heads: int = 9,
+  d: int = 400,
+  mlp: int = 512,
+  layers: int = 6,
+  tokens: int = 256,
+  side: int = 16,
+  classes: int = 10,
+  in_ch: int = 12,
+) -> dict:
+  """Multiply-adds per image: the authors' dense way and this library's separable way."""
+  per_layer_linear = tokens * (heads * d * d + d * d + 2 * d * mlp)
+  if encoding == "learned_content":
+    per_layer_linear += tokens * 2 * d * heads * d  # query, key projections
+    content = heads * tokens * tokens * d + heads * tokens * 2 * side * (d // 2)  # q.k, q.r
+  else:
+    content = 0
+  dense_agg = heads * tokens * tokens * d
+  sep_agg = heads * tokens * 2 * side * d
+  stem = tokens * in_ch * d + d * classes
+  authors = layers * (per_layer_linear + content + dense_agg) + stem
+  ours_agg = dense_agg if encoding in ("generalized", "learned_content") else sep_agg
+  ours = layers * (per_layer_linear + content + ours_agg) + stem
+  return {"authors_macs_per_image": authors, "ours_macs_per_image": ours}
+
+
+def main(argv=None) -> None:
+  p = argparse.ArgumentParser(description=__doc__)
+  p.add_argument("--models", default=",".join(MODELS))
+  p.add_argument("--batches", default="8,32,100")
+  p.add_argument("--dtype", default="float32")
+  p.add_argument("--remat", action="store_true")
+  p.add_argument("--steps", type=int, default=5)
+  p.add_argument("--timeout", type=float, default=1800)
+  p.add_argument("--out", default="experiments/results/bench_train_cpu.json")
+  args = p.parse_args(argv)
+  rows = []
+  for name in args.models.split(","):
+    model, kwargs = MODELS[name]
+    for batch in [int(b) for b in args.batches.split(",")]:
+      payload = json.dumps([model, kwargs, batch, args.dtype, args.remat, args.steps])
+      wrapper = _CHILD + (
+        "\nimport resource\n"
+        "print('PEAK_KB=%d' % resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+      )
+      try:
+        proc = subprocess.run(
+          [sys.executable, "-c", wrapper, payload],
+          capture_output=True,
+          text=True,
+          timeout=args.timeout,
+          check=False,
+        )
+        out = proc.stdout
+      except subprocess.TimeoutExpired:
+        out, proc = "", None
+      row = {"model": name, "batch": batch, "dtype": args.dtype, "remat": args.remat}
+      for line in out.splitlines():
+        if line.startswith("RESULT="):
+          row.update(json.loads(line[len("RESULT=") :]))
+        if line.startswith("PEAK_KB="):
+          row["host_peak_gib"] = int(line.split("=")[1]) / 2**20
+      if "images_per_second" not in row:
+        row["error"] = proc.stderr[-500:] if proc is not None else "timeout"
+      if model == "attention_net":
+        row.update(analytic_macs(kwargs["encoding"]))
+        if row.get("xla_fwd_macs_per_image"):
+          row["xla_over_authors"] = row["xla_fwd_macs_per_image"] / row["authors_macs_per_image"]
+      rows.append(row)
+      print({k: v for k, v in row.items() if k != "error"}, row.get("error", ""), flush=True)
+  print(
+    common.markdown_table(
+      rows,
+      [
+        "model",
+        "batch",
+        "dtype",
+        "images_per_second",
+        "host_peak_gib",
+        "device_peak_gib",
+        "params",
+        "xla_fwd_macs_per_image",
+        "authors_macs_per_image",
+        "ours_macs_per_image",
+      ],
+    )
+  )
+  common.write_json(args.out, {"machine": common.machine_info(), "args": vars(args), "rows": rows})
+
+
+if __name__ == "__main__":
+  main()
