@@ -410,8 +410,11 @@ def train_and_evaluate(
       nonfinite_step=-jnp.ones((), jnp.int32),
     )
 
-  state = jax.jit(init_fn, out_shardings=replicated)(init_key)
-  num_params = count_params(state.params)
+  abstract = jax.tree_util.tree_map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+    jax.eval_shape(init_fn, init_key),
+  )
+  num_params = count_params(abstract.params)
 
   # --- Checkpoints: resume from the latest. ---------------------------------------------------
   options = ocp.CheckpointManagerOptions(
@@ -422,8 +425,9 @@ def train_and_evaluate(
     (workdir / "best").absolute(), options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
   )
   latest = manager.latest_step()
-  if latest is not None:
-    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
+  if latest is None:
+    state = jax.jit(init_fn, out_shardings=replicated)(init_key)
+  else:  # No init: restore straight into the (sharded) abstract state.
     state = manager.restore(latest, args=ocp.args.StandardRestore(abstract))
     print(f"Resumed from {workdir / 'checkpoints'} at step {latest}.", flush=True)
   start_step = int(jax.device_get(state.step))
