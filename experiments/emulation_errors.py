@@ -167,6 +167,9 @@ def run() -> dict:
     },
     "bfloat16_flax_conv_error_vs_float32": bf16_conv_error,
     "float32_one_hot_alpha": one_hot_thresholds(),
+    "float32_one_hot_alpha_predicted": (
+      None if bounds is None else bounds.float32_one_hot_alpha().alpha_float
+    ),
     "paper_one_hot_alpha": 46.0,
     "rows": rows,
   }
@@ -197,7 +200,10 @@ def main(argv: list[str] | None = None) -> None:
   print(
     f"\nbfloat16 flax.linen.Conv vs float32: {result['bfloat16_flax_conv_error_vs_float32']:.3g}"
   )
-  print(f"float32 one-hot alpha thresholds: {result['float32_one_hot_alpha']} (paper: 46)")
+  print(
+    f"float32 one-hot alpha thresholds: {result['float32_one_hot_alpha']} (predicted: "
+    f"{result['float32_one_hot_alpha_predicted']}, paper: 46)"
+  )
   if args.out is not None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
