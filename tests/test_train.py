@@ -127,6 +127,17 @@ def test_end_to_end_and_resume_is_bitwise(tmp_path, dataset):
   assert summary["last_test_accuracy"] == records[-1]["test_accuracy"]
   assert json.loads((full_dir / "config.json").read_text())["batch_size"] == 8
 
+  # On-demand evaluation of the saved checkpoints reproduces the logged accuracies.
+  from experiments.evaluate import evaluate_workdir
+
+  latest = evaluate_workdir(full_dir, which="latest", plot=False, dataset=dataset)
+  assert latest["step"] == 12
+  assert latest["test_accuracy"] == records[-1]["test_accuracy"]
+  best_eval = evaluate_workdir(full_dir, which="best", plot=False, dataset=dataset)
+  assert best_eval["step"] == best["step"]
+  assert best_eval["val_accuracy"] == best["val_accuracy"]
+  assert best_eval["test_accuracy"] == summary["final_test_accuracy"]
+
   # Kill after 7 steps (no checkpoint at the kill), then run the same command again.
   partial = train_lib.train_and_evaluate(_config(stop_after_steps=7), resumed_dir, dataset=dataset)
   assert partial["completed"] is False and partial["steps"] == 7
