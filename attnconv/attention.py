@@ -293,14 +293,19 @@ def gather_project(
   """
   acc = None
   for h, view in enumerate(_gather_views(keys, key_positions, query_positions, centers)):
-    y = jnp.matmul(view, kernel[h], precision=precision)
+    y = jnp.matmul(view, kernel[h], precision=precision, preferred_element_type=_acc_dtype(view))
     acc = y if acc is None else acc + y
-  return acc
+  return acc.astype(keys.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
 # Fused aggregation + per-head output projection (no (B, Nq, H, C) tensor)
 # ----------------------------------------------------------------------------------------------
+
+
+def _acc_dtype(x: Array):
+  """Accumulate per-head products in at least float32 (one rounding to a low-precision dtype)."""
+  return jnp.promote_types(x.dtype, jnp.float32)
 
 
 def aggregate_project(probs: Array, values: Array, kernel: Array, *, precision=None) -> Array:
@@ -329,9 +334,9 @@ def aggregate_project(probs: Array, values: Array, kernel: Array, *, precision=N
   acc = None
   for i in range(h):
     t = jnp.matmul(probs[i], xt, precision=precision).reshape(nq * b, c)
-    y = jnp.matmul(t, kernel[i], precision=precision)
+    y = jnp.matmul(t, kernel[i], precision=precision, preferred_element_type=_acc_dtype(t))
     acc = y if acc is None else acc + y
-  return acc.reshape(nq, b, -1).transpose(1, 0, 2)
+  return acc.astype(values.dtype).reshape(nq, b, -1).transpose(1, 0, 2)
 
 
 def aggregate_project_separable(
@@ -382,6 +387,7 @@ def aggregate_project_separable(
       x = x.reshape(q_shape[a], *rest)
       # move the new q_a axis to just before n
       x = jnp.moveaxis(x, 0, x.ndim - 2)
-    y = jnp.matmul(x.reshape(nq * b, c), kernel[i], precision=precision)
+    x = x.reshape(nq * b, c)
+    y = jnp.matmul(x, kernel[i], precision=precision, preferred_element_type=_acc_dtype(x))
     acc = y if acc is None else acc + y
-  return acc.reshape(nq, b, -1).transpose(1, 0, 2)
+  return acc.astype(values.dtype).reshape(nq, b, -1).transpose(1, 0, 2)

@@ -397,7 +397,9 @@ def convolutions_as_attention(
 
   Works on any Flax (linen) model without changing it: ``model.apply`` inside the context gives
   the same outputs (exactly in the hard limit, up to float summation order) with no convolution
-  primitive left in the jaxpr. Initialisation (``model.init``) is not intercepted.
+  primitive left in the jaxpr. Initialisation (``model.init``) is not intercepted. JAX's trace
+  caches are cleared on entry and exit, so functions traced (or jitted) before the context are
+  traced again inside it.
 
   Args:
     alpha: ``None`` (hard limit) or the finite sharpness of every head.
@@ -409,5 +411,12 @@ def convolutions_as_attention(
     raise ValueError(f"implementation: 'gather' needs alpha=None, got alpha={alpha}")
   if alpha is not None and not alpha > 0:
     raise ValueError(f"alpha: expected None or a float > 0, got {alpha}")
-  with nn.intercept_methods(_conv_interceptor(alpha, implementation)):
-    yield
+  # JAX caches traces per function object and the interception is not part of the cache key:
+  # clear the caches on entry and exit so that functions traced outside the context are traced
+  # anew inside it (and vice versa).
+  jax.clear_caches()
+  try:
+    with nn.intercept_methods(_conv_interceptor(alpha, implementation)):
+      yield
+  finally:
+    jax.clear_caches()

@@ -204,6 +204,18 @@ class MultiHeadRelativeAttention(nn.Module):
       raise ValueError(
         f"x: expected rank 3, 4 or 5 (batch, 1-3 spatial axes, features), got shape {x.shape}"
       )
+    for name in ("strides", "input_dilation", "query_window", "max_distance"):
+      value = getattr(self, name)
+      if value is not None and not isinstance(value, (int, np.integer)) and len(value) != d:
+        raise ValueError(
+          f"x: expected rank {len(value) + 2} (batch, {len(value)} spatial axes, features) to "
+          f"match {name}={tuple(value)}, got shape {x.shape}"
+        )
+    if self.padding is not None and not isinstance(self.padding, str) and len(self.padding) != d:
+      raise ValueError(
+        f"x: expected rank {len(self.padding) + 2} to match padding={self.padding!r}, got shape "
+        f"{x.shape}"
+      )
     self._validate(d)
     return d
 

@@ -676,11 +676,6 @@ def test_resnet_logits_under_context(resnet, implementation: str) -> None:
   chex.assert_trees_all_close(logits, ref, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.xfail(
-  strict=True,
-  reason="JAX reuses a function's cached trace: a function traced outside "
-  "convolutions_as_attention() still runs the convolution inside it",
-)
 def test_context_retraces_cached_functions() -> None:
   model = nn.Conv(4, (3, 3))
   x = jnp.ones((1, 5, 5, 2))
@@ -768,12 +763,6 @@ def test_apply_rejects_mismatched_input() -> None:
     module.apply(variables, jnp.ones((5, 4)))
 
 
-@pytest.mark.xfail(
-  strict=True,
-  raises=(TypeError, AssertionError),
-  reason="a 2-D kernel applied to a 1-D input raises TypeError naming 'strides' "
-  "('expected an int or 1 ints, got (1, 1)'), not 'x'",
-)
 @pytest.mark.parametrize("x_shape", [(1, 5, 4), (1, 5, 5, 5, 4)])
 def test_apply_rejects_input_rank_not_matching_kernel(x_shape) -> None:
   module, variables = conv_to_attention(_K)
