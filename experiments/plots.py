@@ -392,13 +392,11 @@ def compute_attention_maps(
   for path, leaf in jax.tree_util.tree_flatten_with_path(intermediates)[0]:
     keys = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
     if "attention_probs" in keys:
-      found.append(("/".join(keys), np.asarray(jax.device_get(leaf), np.float64)))
+      found.append(("/".join(keys), leaf))
   found.sort(key=lambda kv: _natural_key(kv[0]))
   maps = []
   for _, probs in found:
-    if probs.ndim == 4:
-      probs = probs.mean(axis=0)
-    if probs.ndim != 3:
+    if probs.ndim not in (3, 4):
       continue
     nk = probs.shape[-1]
     if grid is None:
@@ -408,10 +406,13 @@ def compute_attention_maps(
         h = w = int(round(np.sqrt(nk)))
     else:
       h, w = grid
-    if h * w != nk or probs.shape[1] != nk:
+    if h * w != nk or probs.shape[-2] != nk:
       continue
     q = query if query is not None else (h // 2, w // 2)
-    maps.append(probs[:, q[0] * w + q[1], :].reshape(probs.shape[0], h, w))
+    row = np.asarray(jax.device_get(probs[..., q[0] * w + q[1], :]), np.float64)
+    if row.ndim == 3:  # (batch, heads, Nk): content-dependent, average over the images
+      row = row.mean(axis=0)
+    maps.append(row.reshape(row.shape[0], h, w))
   return maps
 
 
@@ -421,7 +422,7 @@ def plot_workdir(
   model: Any = None,
   state: Any = None,
   dataset: Any = None,
-  num_images: int = 100,
+  num_images: int = 64,
 ) -> list[pathlib.Path]:
   """Draws every available figure of a run into ``<workdir>/plots``.
 

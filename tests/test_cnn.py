@@ -24,6 +24,7 @@ PINNED = {
   ("resnet18", (("num_classes", 100),), (1, 32, 32, 3)): 11_220_132,
   ("resnet18", (("width", 16),), (1, 28, 28, 1)): 701_178,  # closed form, see test below
   ("small_cnn", (), (1, 28, 28, 1)): 94_186,
+  ("small_cnn", (("pool", "flatten"),), (1, 28, 28, 1)): 94_186 - 1290 + 7 * 7 * 128 * 10 + 10,
 }
 
 
@@ -121,6 +122,8 @@ def test_bad_inputs():
     SmallCNN().init(jax.random.key(0), jnp.zeros((28, 28, 1)), train=False)
   with pytest.raises(ValueError, match="features: expected a positive integer"):
     SmallCNN(features=(4, 0)).init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), train=False)
+  with pytest.raises(ValueError, match="pool: expected 'avg' or 'flatten'"):
+    SmallCNN(pool="max").init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), train=False)
   with pytest.raises(ValueError, match="num_classes: expected a positive integer"):
     ResNet18(num_classes=0).init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)), train=False)
   with pytest.raises(ValueError, match="stage_sizes: expected a non-empty"):

@@ -25,6 +25,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.dataset.name = "fashion_mnist"
   config.model.name = "small_cnn"
   config.model.features = (32, 64, 128)
+  config.model.pool = "flatten"
   config.num_epochs = 3
   config.schedule = "warmup_cosine"
   config.eval_every_steps = -1
