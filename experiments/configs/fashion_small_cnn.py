@@ -1,4 +1,4 @@
-"""SmallCNN on Fashion-MNIST: the CPU-sized end-to-end run of the trainer.
+"""SmallCNN (3 conv layers, flatten head) on Fashion-MNIST: the CPU-sized end-to-end run.
 
 Command::
 
@@ -8,7 +8,10 @@ Command::
 Recipe: SGD lr 0.1, momentum 0.9, weight decay 1e-4, batch 100, 3 epochs, linear warm-up (5%)
 then cosine, random crop (padding 2) and flips; 5000 training images held out for validation.
 
-Expected runtime and result: MEASURED_HERE
+Measured (commit of this docstring, 1 CPU device on a shared 2-core VM, load ~8): 350 s of
+training (~480 images/s), best validation accuracy 90.0% (epoch 3), test accuracy of that
+model 89.3% (155,626 parameters). With ``--config.model.pool=avg`` (global average pooling)
+the same run reaches 85.1% test in 411 s.
 ``get_config("quick")`` is a 20-step smoke run.
 """
 
