@@ -39,7 +39,12 @@ IMPLEMENTATIONS = ("dense", "separable", "gather")
 
 
 def _tuple(name: str, value, d: int) -> tuple[int, ...]:
-  out = (value,) * d if isinstance(value, (int, np.integer)) else tuple(value)
+  if isinstance(value, (int, np.integer)):
+    out = (value,) * d
+  elif isinstance(value, (tuple, list)):
+    out = tuple(value)
+  else:
+    raise TypeError(f"{name}: expected an int or {d} ints, got {value!r}")
   if len(out) != d or any(not isinstance(v, (int, np.integer)) for v in out):
     raise TypeError(f"{name}: expected an int or {d} ints, got {value!r}")
   return tuple(int(v) for v in out)
@@ -206,7 +211,7 @@ class MultiHeadRelativeAttention(nn.Module):
       )
     for name in ("strides", "input_dilation", "query_window", "max_distance"):
       value = getattr(self, name)
-      if value is not None and not isinstance(value, (int, np.integer)) and len(value) != d:
+      if isinstance(value, (tuple, list)) and len(value) != d:
         raise ValueError(
           f"x: expected rank {len(value) + 2} (batch, {len(value)} spatial axes, features) to "
           f"match {name}={tuple(value)}, got shape {x.shape}"
@@ -355,8 +360,15 @@ class MultiHeadRelativeAttention(nn.Module):
         params["bias"] = self.bias_init(b_rng, (out_features,), self.param_dtype)
       return params
 
-    out = self.param("out", init)
     expected = (self.num_heads, heads_dim, out_features)
+    if self.has_variable("params", "out"):
+      have = tuple(self.get_variable("params", "out")["kernel"].shape)
+      if have[0] != self.num_heads:
+        raise ValueError(
+          f"num_heads: expected {have[0]} (the out kernel of the variables has shape {have}), "
+          f"got {self.num_heads}"
+        )
+    out = self.param("out", init)
     if tuple(out["kernel"].shape) != expected:
       raise ValueError(
         f"x: expected inputs giving an out kernel of shape {expected} (heads, features, "

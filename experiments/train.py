@@ -162,11 +162,17 @@ def weight_decay_mask(params: Any) -> Any:
 def build_optimizer(
   config: ml_collections.ConfigDict, schedule: optax.Schedule
 ) -> optax.GradientTransformation:
-  """SGD + momentum with PyTorch's coupled L2 decay, masked off centres and spreads."""
-  return optax.chain(
-    optax.add_decayed_weights(config.weight_decay, mask=weight_decay_mask),
-    optax.sgd(schedule, momentum=config.momentum or None),
-  )
+  """SGD + momentum with PyTorch's coupled L2 decay (the paper), or AdamW; decay is masked off
+  attention centres and spreads."""
+  name = config.get("optimizer", "sgd")
+  if name == "sgd":
+    return optax.chain(
+      optax.add_decayed_weights(config.weight_decay, mask=weight_decay_mask),
+      optax.sgd(schedule, momentum=config.momentum or None),
+    )
+  if name == "adamw":
+    return optax.adamw(schedule, weight_decay=config.weight_decay, mask=weight_decay_mask)
+  raise ValueError(f"config.optimizer: expected 'sgd' or 'adamw', got {name!r}")
 
 
 def find_params(tree: Any, name: str) -> dict[str, np.ndarray]:

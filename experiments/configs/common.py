@@ -17,8 +17,9 @@ Fields:
   batch_size: global batch size, divisible by the number of devices (paper: 100).
   eval_batch_size: evaluation batch size (-1: ``batch_size``).
   num_epochs: training epochs (paper: 300); num_train_steps > 0 overrides it.
+  optimizer: ``"sgd"`` (the paper) or ``"adamw"``.
   learning_rate, momentum, weight_decay: SGD (coupled L2 as PyTorch's SGD; centres and spreads
-    are not decayed).
+    are not decayed); for AdamW, decoupled weight decay with the same mask.
   schedule: ``"warmup_cosine"`` (linear warm-up over ``warmup_ratio`` of the steps, then cosine
     to 0, per step) or ``"step"`` (divide by ``decay_factor`` at each of ``decay_epochs``) or
     ``"constant"``.
@@ -62,6 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.num_epochs = 300
   config.num_train_steps = -1
 
+  config.optimizer = "sgd"
   config.learning_rate = 0.1
   config.momentum = 0.9
   config.weight_decay = 1e-4
