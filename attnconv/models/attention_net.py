@@ -75,6 +75,7 @@ class AttentionBlock(nn.Module):
   attention_dropout_rate: float = 0.1
   implementation: str = "auto"
   init_scheme: str = "torch"
+  center_init_std: float = 2.0
   dtype: Any = None
   param_dtype: Any = jnp.float32
 
@@ -106,6 +107,7 @@ class AttentionBlock(nn.Module):
       out_features=d,
       dropout_rate=self.attention_dropout_rate,
       implementation=implementation,
+      center_init_std=self.center_init_std,
       dtype=self.dtype,
       param_dtype=self.param_dtype,
       name="attention",
@@ -140,6 +142,8 @@ class AttentionNet(nn.Module):
     implementation: attention path: 'auto' (separable for quadratic/learned, dense otherwise;
       training with attention dropout always uses the dense path), 'dense' or 'separable'.
     init_scheme: 'torch' (the authors' PyTorch defaults) or 'flax' (flax defaults).
+    center_init_std: std of the attention centres at initialisation (paper: 2 pixels of the
+      down-sampled grid).
     remat: rematerialise each block in the backward pass (saves memory).
     dtype: computation dtype (e.g. bfloat16); parameters stay ``param_dtype``.
   """
@@ -155,6 +159,7 @@ class AttentionNet(nn.Module):
   attention_dropout_rate: float = 0.1
   implementation: str = "auto"
   init_scheme: str = "torch"
+  center_init_std: float = 2.0
   remat: bool = False
   dtype: Any = None
   param_dtype: Any = jnp.float32
@@ -187,6 +192,7 @@ class AttentionNet(nn.Module):
         attention_dropout_rate=self.attention_dropout_rate,
         implementation=self.implementation,
         init_scheme=self.init_scheme,
+        center_init_std=self.center_init_std,
         dtype=self.dtype,
         param_dtype=self.param_dtype,
         name=f"block_{i}",

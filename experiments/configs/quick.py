@@ -7,9 +7,11 @@ Command (README's first command)::
 Model: the paper's architecture scaled down for 2 CPU cores -- 4x4 space-to-depth (28x28x1 ->
 7x7 tokens of 16 values), Dense(64), 3 post-LayerNorm blocks of 9 quadratic (Gaussian) heads
 (per-head value dimension 64, MLP 128), mean pooling; 9 heads, as the paper uses to match 3x3
-kernels. Recipe: SGD lr 0.1, momentum 0.9, weight decay 1e-4 (not on centres/spreads), batch
-100, linear warm-up (5%) then cosine, random crops (padding 2) and flips; 5000 training images
-held out for validation (model selection), the 10000 official test images for the final number.
+kernels; centres initialised N(0, 1) on the 7x7 grid. Recipe: AdamW lr 3e-3, weight decay 0.05
+(not on centres/spreads), batch 100, 6 epochs, linear warm-up (5%) then cosine, random crops
+(padding 2) and flips; 5000 training images held out for validation (model selection), the 10000
+official test images for the final number. (With the paper's SGD 0.1 the same model reached 70%
+test accuracy after 1 of 3 epochs, and AdamW over 3 epochs 81.1%: too slow for a 10-minute job.)
 
 Expected runtime and result: MEASURED_HERE
 Writes ``metrics.jsonl``, ``summary.json``, ``config.json`` and ``plots/`` into the workdir.
@@ -36,7 +38,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.dropout_rate = 0.0
   config.model.attention_dropout_rate = 0.0
   config.model.implementation = "auto"
-  config.num_epochs = 4
+  config.model.center_init_std = 1.0  # the 7x7 grid is small: start the heads within ~1 token
+  config.optimizer = "adamw"  # 6 epochs of SGD are too few for this model (see below)
+  config.learning_rate = 0.003
+  config.weight_decay = 0.05
+  config.num_epochs = 6
   config.schedule = "warmup_cosine"
   config.log_every_steps = 100
   if arg == "smoke":
