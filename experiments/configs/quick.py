@@ -13,7 +13,8 @@ kernels; centres initialised N(0, 1) on the 7x7 grid. Recipe: AdamW lr 3e-3, wei
 official test images for the final number. (With the paper's SGD 0.1 the same model reached 70%
 test accuracy after 1 of 3 epochs, and AdamW over 3 epochs 81.1%: too slow for a 10-minute job.)
 
-Expected runtime and result: MEASURED_HERE
+Expected runtime and result (measured on the 2-core CPU machine, 1 device): about 7.5 minutes
+wall time (388 s of training at 860 images/s); 83.7% test accuracy (84.1% validation).
 Writes ``metrics.jsonl``, ``summary.json``, ``config.json`` and ``plots/`` into the workdir.
 """
 
