@@ -21,27 +21,27 @@ import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 settings.register_profile(
-    "ci",
-    max_examples=12,
-    derandomize=True,
-    database=None,
-    deadline=None,
-    print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+  "ci",
+  max_examples=12,
+  derandomize=True,
+  database=None,
+  deadline=None,
+  print_blob=True,
+  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.register_profile(
-    "dev",
-    max_examples=60,
-    deadline=None,
-    print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow],
+  "dev",
+  max_examples=60,
+  deadline=None,
+  print_blob=True,
+  suppress_health_check=[HealthCheck.too_slow],
 )
 settings.register_profile(
-    "sweep",
-    max_examples=500,
-    deadline=None,
-    print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow],
+  "sweep",
+  max_examples=500,
+  deadline=None,
+  print_blob=True,
+  suppress_health_check=[HealthCheck.too_slow],
 )
 settings.load_profile(os.environ.get("ATTNCONV_HYPOTHESIS_PROFILE", "ci"))
 
