@@ -349,8 +349,12 @@ class MultiHeadRelativeAttention(nn.Module):
     _, qpos = self._static_grids(spatial_shape)
     return tuple(int(q.shape[0]) for q in qpos)
 
-  def _out_params(self, heads_dim: int, out_features: int):
-    """The output projection ``out``: kernel ``(H, D_h, D_out)`` (DenseGeneral layout), bias."""
+  def _out_params(self, heads_dim: int, out_features: int, x_shape: tuple[int, ...]):
+    """The output projection ``out``: kernel ``(H, D_h, D_out)`` (DenseGeneral layout), bias.
+
+    Existing variables are checked against the layer and the input (``x_shape``) first, so a
+    mismatch names the argument instead of surfacing as flax's parameter-shape error.
+    """
 
     def init(rng):
       k_rng, b_rng = jax.random.split(rng)
@@ -368,12 +372,16 @@ class MultiHeadRelativeAttention(nn.Module):
           f"num_heads: expected {have[0]} (the out kernel of the variables has shape {have}), "
           f"got {self.num_heads}"
         )
+      if self.value_features is None and have[1] != heads_dim:
+        raise ValueError(
+          f"x: expected {have[1]} input features on the last axis, got shape {tuple(x_shape)}"
+        )
+      if have != expected:
+        raise ValueError(
+          f"x: expected inputs giving an out kernel of shape {expected} (heads, features, "
+          f"out_features), but the parameters have {have}"
+        )
     out = self.param("out", init)
-    if tuple(out["kernel"].shape) != expected:
-      raise ValueError(
-        f"x: expected inputs giving an out kernel of shape {expected} (heads, features, "
-        f"out_features), but the parameters have {tuple(out['kernel'].shape)}"
-      )
     return out["kernel"], out.get("bias")
 
   # ------------------------------------------------------------------------------------------
@@ -394,13 +402,9 @@ class MultiHeadRelativeAttention(nn.Module):
     q_shape = tuple(int(q.shape[0]) for q in qpos)
     keys_flat = keys.reshape(b, -1, in_features)
 
+    heads_dim = in_features if self.value_features is None else self.value_features
+    kernel, bias = self._out_params(heads_dim, out_features, x.shape)
     if self.value_features is None:
-      if self.has_variable("params", "out"):
-        expected = self.get_variable("params", "out")["kernel"].shape[1]
-        if expected != in_features:
-          raise ValueError(
-            f"x: expected {expected} input features on the last axis, got shape {x.shape}"
-          )
       values = keys_flat
     else:
       values = nn.DenseGeneral(
@@ -415,8 +419,6 @@ class MultiHeadRelativeAttention(nn.Module):
 
     use_dropout = self.dropout_rate > 0.0 and not deterministic
     sow = self.is_mutable_collection("intermediates")
-    heads_dim = in_features if self.value_features is None else self.value_features
-    kernel, bias = self._out_params(heads_dim, out_features)
     kernel = kernel.astype(dtype)
     y = None  # (B, Nq, D_out) when a fused path computes the projection itself
 
