@@ -40,6 +40,7 @@ from jax.sharding import PartitionSpec as P
 
 from attnconv import data as data_lib
 from attnconv.models import build_model, count_params
+from attnconv.models.conv_init import init_attention_as_convolution
 
 __all__ = [
   "TrainState",
@@ -399,10 +400,18 @@ def train_and_evaluate(
   init_key, train_key = jax.random.split(rng)
   sample = jnp.zeros((1, *dataset.image_shape), jnp.float32)
 
+  conv_init_alpha = float(config.get("conv_init_alpha", 0.0))
+  if conv_init_alpha < 0:
+    raise ValueError(f"config.conv_init_alpha: expected 0 (off) or > 0, got {conv_init_alpha}")
+
   def init_fn(key):
     params_key, dropout_key = jax.random.split(key)
     variables = model.init({"params": params_key, "dropout": dropout_key}, sample, train=False)
     params = variables["params"]
+    if conv_init_alpha > 0:  # Start every quadratic attention layer as a K x K convolution.
+      params = init_attention_as_convolution(
+        params, jax.random.fold_in(params_key, 1), alpha=conv_init_alpha
+      )
     zero = jnp.zeros((), jnp.float32)
     return TrainState(
       step=jnp.zeros((), jnp.int32),
@@ -610,6 +619,7 @@ def train_and_evaluate(
     "epochs": step / per_epoch,
     "steps_per_epoch": per_epoch,
     "batch_size": batch_size,
+    "num_train_examples": int(dataset.num_train),
     "completed": not stopped_early,
   }
   if stopped_early:

@@ -23,6 +23,9 @@ Fields:
   schedule: ``"warmup_cosine"`` (linear warm-up over ``warmup_ratio`` of the steps, then cosine
     to 0, per step) or ``"step"`` (divide by ``decay_factor`` at each of ``decay_epochs``) or
     ``"constant"``.
+  conv_init_alpha: 0 (off) or a finite sharpness > 0: start every quadratic attention layer as a
+    freshly initialised K x K convolution with this alpha (via ``conv_to_attention``; see
+    :func:`attnconv.models.conv_init.init_attention_as_convolution`), then train it freely.
   seed: seed of the parameter init, the batch order, augmentation and dropout.
   dtype: ``"float32"`` or ``"bfloat16"`` computation (parameters stay float32).
   eval_every_steps: evaluate val and test every this many steps (-1: once per epoch) and at the
@@ -73,6 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.decay_factor = 10.0
 
   config.seed = 42
+  config.conv_init_alpha = 0.0
   config.dtype = "float32"
 
   config.eval_every_steps = -1

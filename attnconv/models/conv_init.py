@@ -1,0 +1,128 @@
+"""Start an attention network as a convolutional network (a soft convolutional prior).
+
+:func:`init_attention_as_convolution` rewrites every quadratic-encoding attention layer of a
+parameter tree (e.g. of :class:`attnconv.models.attention_net.AttentionNet` with ``num_heads =
+K^2``) into the attention layer that Theorem 1 builds from a freshly initialised ``K x K``
+convolution: it draws a convolution kernel, calls :func:`attnconv.construction.conv_to_attention`
+at a *finite* sharpness ``alpha`` and copies the heads' centres (the kernel shifts), their
+sharpness and the per-head output matrices (the kernel slices) into the layer. Training may then
+move the centres and change ``alpha`` -- the convolution is where the network starts, not a
+constraint (the initialisation ConViT uses with Eq. 9).
+
+The attention layers of :class:`AttentionNet` attend over the token grid without padding: at the
+border the softmax renormalises over the keys that exist, where a 'SAME' convolution would see
+zeros. Away from the border the layer equals ``conv_to_attention``'s up to the finite-alpha
+leakage bounded in :mod:`attnconv.bounds`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+
+from attnconv import construction
+
+Initializer = Callable[..., jax.Array]
+
+
+def conv_kernel_init() -> Initializer:
+  """PyTorch's ``nn.Conv2d`` default kernel init: ``U(+-1/sqrt(K*K*C_in))``.
+
+  It has the same fan-in and scale as the torch init of the attention layer's out kernel
+  ``(H, D, D)`` with ``H = K^2``, so a converted network starts at the usual activation scale.
+  """
+  return jax.nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def _is_quadratic_layer(tree: Any) -> bool:
+  return (
+    isinstance(tree, Mapping)
+    and "centers" in tree
+    and ("spreads" in tree or "alpha" in tree)
+    and "out" in tree
+  )
+
+
+def init_attention_as_convolution(
+  params: Any,
+  rng: jax.Array,
+  *,
+  alpha: float,
+  kernel_init: Initializer | None = None,
+) -> Any:
+  """Initialises every quadratic attention layer in ``params`` as a ``K x K`` convolution.
+
+  Args:
+    params: a parameter pytree (nested dicts; a ``FrozenDict`` is accepted). Each quadratic
+      attention layer -- a dict with ``centers (H, 2)``, ``spreads (H,)`` (``alpha = s^2 / 2``) or
+      ``alpha (H,)``, and ``out`` with ``kernel (H, C_in, C_out)`` and optional ``bias`` -- is
+      rewritten; all other leaves are returned unchanged.
+    rng: key for the convolution kernels (one kernel per layer, folded in by layer order).
+    alpha: finite sharpness > 0 of the softmax (Eq. 9 logits ``-alpha ||delta - Delta||^2``).
+      Each head then puts ``1 / (1 + sum_{s != 0} e^{-alpha ||s||^2})`` of its mass on its shift.
+    kernel_init: initialiser of the ``(K, K, C_in, C_out)`` convolution kernels (default:
+      :func:`conv_kernel_init`).
+
+  Returns:
+    A pytree of the same structure, shapes and dtypes. The biases are kept.
+
+  Raises:
+    ValueError: if ``alpha`` is not a finite float > 0, no quadratic attention layer is found, or
+      a layer's number of heads is not a square ``K^2`` on a 2-D grid.
+  """
+  if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+    raise TypeError(f"alpha: expected a finite float > 0, got {alpha!r}")
+  if not (alpha > 0 and math.isfinite(alpha)):
+    raise ValueError(f"alpha: expected a finite float > 0, got {alpha}")
+  kernel_init = conv_kernel_init() if kernel_init is None else kernel_init
+  frozen = isinstance(params, flax.core.FrozenDict)
+  tree = flax.core.unfreeze(params) if frozen else params
+  counter = [0]
+
+  def convert(layer: Mapping[str, Any], path: str) -> dict:
+    centers = layer["centers"]
+    heads = centers.shape[0]
+    k = math.isqrt(heads)
+    if centers.ndim != 2 or centers.shape[1] != 2 or k * k != heads:
+      raise ValueError(
+        f"params: expected the attention layer at {path!r} to have K^2 heads on a 2-D grid "
+        f"(centers of shape (K*K, 2)), got centers of shape {tuple(centers.shape)}"
+      )
+    out = layer["out"]
+    _, c_in, c_out = out["kernel"].shape
+    key = jax.random.fold_in(rng, counter[0])
+    counter[0] += 1
+    kernel = kernel_init(key, (k, k, c_in, c_out), out["kernel"].dtype)
+    bias = out.get("bias")
+    _, variables = construction.conv_to_attention(kernel, bias, alpha=float(alpha))
+    new = dict(layer)
+    new["centers"] = variables["params"]["centers"].astype(centers.dtype)
+    if "spreads" in layer:  # alpha = s^2 / 2  <=>  s = sqrt(2 alpha)
+      s = layer["spreads"]
+      new["spreads"] = jnp.full(s.shape, math.sqrt(2.0 * alpha), s.dtype)
+    else:
+      a = layer["alpha"]
+      new["alpha"] = jnp.full(a.shape, alpha, a.dtype)
+    new["out"] = dict(out)
+    new["out"]["kernel"] = variables["params"]["out"]["kernel"].astype(out["kernel"].dtype)
+    return new
+
+  def walk(node: Any, path: str) -> Any:
+    if _is_quadratic_layer(node):
+      return convert(node, path)
+    if isinstance(node, Mapping):
+      return {k: walk(v, f"{path}/{k}" if path else str(k)) for k, v in node.items()}
+    return node
+
+  result = walk(tree, "")
+  if counter[0] == 0:
+    raise ValueError(
+      "params: expected at least one quadratic attention layer (centers, spreads or alpha, out), "
+      "found none"
+    )
+  return flax.core.freeze(result) if frozen else result
