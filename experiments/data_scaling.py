@@ -53,7 +53,10 @@ def grid_points(config, models: Sequence[str] | None = None) -> list[tuple[str, 
   if unknown:
     raise ValueError(f"models: expected names from {tuple(config.scaling.models)}, got {unknown}")
   return [
-    (m, int(n), int(s)) for n in config.scaling.train_sizes for s in config.scaling.seeds for m in names
+    (m, int(n), int(s))
+    for n in config.scaling.train_sizes
+    for s in config.scaling.seeds
+    for m in names
   ]
 
 

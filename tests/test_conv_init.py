@@ -46,7 +46,9 @@ def test_layer_equals_convolution_away_from_the_border(sharpness_param):
     params, jax.random.key(4), alpha=alpha, kernel_init=_fixed(kernel)
   )
   out = layer.apply({"params": new}, x)
-  ref = nn.Conv(c_out, (3, 3), padding="SAME").apply({"params": {"kernel": kernel, "bias": bias}}, x)
+  ref = nn.Conv(c_out, (3, 3), padding="SAME").apply(
+    {"params": {"kernel": kernel, "bias": bias}}, x
+  )
   scale = jax.lax.conv_general_dilated(
     jnp.abs(x), jnp.abs(kernel), (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
   ) + jnp.abs(bias)

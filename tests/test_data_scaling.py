@@ -68,7 +68,10 @@ def test_configs():
   assert "scaling" not in run and "scaling" in config  # the grid config is not modified
   assert grid_config.run_config(config, "cnn", 500, 0).conv_init_alpha == 0.0
   # Every model gets the same number of steps whatever the size.
-  assert len({grid_config.run_config(config, m, 500, 0).num_train_steps for m in grid_config.MODELS}) == 1
+  assert (
+    len({grid_config.run_config(config, m, 500, 0).num_train_steps for m in grid_config.MODELS})
+    == 1
+  )
   with pytest.raises(ValueError, match="model"):
     grid_config.run_config(config, "vit", 500, 0)
 
@@ -98,7 +101,15 @@ def test_every_model_trains_one_grid_point(tmp_path, fake_loader):
   records = data_scaling.gather(config, str(tmp_path), points)
   assert [r["model"] for r in records] == list(grid_config.MODELS)
   for r in records:
-    assert set(r) >= {"model", "train_size", "seed", "test_accuracy", "val_accuracy", "steps", "params"}
+    assert set(r) >= {
+      "model",
+      "train_size",
+      "seed",
+      "test_accuracy",
+      "val_accuracy",
+      "steps",
+      "params",
+    }
     assert r["train_size"] == 200 and r["steps"] == 1 and r["params"] > 0
   # The conv-initialised network has exactly the quadratic network's parameters.
   params = {r["model"]: r["params"] for r in records}
