@@ -9,6 +9,10 @@
 ``'learned'``        learned per-axis (row/column) relative tables projected per head; position only.
 ``'learned_content'`` content ``q.k / sqrt(D_k)`` plus ``q.r`` against the learned tables.
 ``'content'``        content ``q.k / sqrt(D_k)`` only (no positions: permutation-equivariant).
+``'quadratic_content'`` content ``q.k / sqrt(D_k)`` plus the Eq. 9 logits ``-alpha_h ||delta -
+                     Delta_h||^2``; with ``W_qry = 0`` it is the quadratic layer, so a converted
+                     convolution (Theorem 1) can be fine-tuned with content switched on. Works on
+                     convolution-style grids too (queries read the key grid at their centres).
 
 The output is ``MHSA(X)_q = sum_h (sum_k P_h[q, k] V_h[k]) W_out^(h) + b_out``; by default
 (``value_features=None``) every head aggregates the full input (``V_h = X``, ``D_h = D_in``), the
@@ -33,7 +37,14 @@ Array = jax.Array
 Dtype = Any
 Initializer = Callable[..., Array]
 
-ENCODINGS = ("quadratic", "generalized", "learned", "learned_content", "content")
+ENCODINGS = (
+  "quadratic",
+  "generalized",
+  "learned",
+  "learned_content",
+  "content",
+  "quadratic_content",
+)
 POSITION_ONLY = ("quadratic", "generalized", "learned")
 IMPLEMENTATIONS = ("dense", "separable", "gather")
 
@@ -160,7 +171,7 @@ class MultiHeadRelativeAttention(nn.Module):
       vals = _tuple(name, getattr(self, name), d)
       if any(v < 1 for v in vals):
         raise ValueError(f"{name}: expected positive integers, got {vals}")
-    if self.encoding not in POSITION_ONLY:
+    if self.encoding not in (*POSITION_ONLY, "quadratic_content"):
       moved = (
         self.padding is not None
         or _tuple("strides", self.strides, d) != (1,) * d
@@ -474,9 +485,21 @@ class MultiHeadRelativeAttention(nn.Module):
         precision=self.precision,
         name=name,
       )
-      q = dense("query")(keys_flat)
+      if self.encoding == "quadratic_content":
+        # Queries read the key grid at their own coordinates (the centre of their window).
+        rows = [np.asarray(q) - np.asarray(k)[0] for q, k in zip(qpos, kpos)]
+        q_in = keys[(slice(None), *np.ix_(*rows))].reshape(b, -1, in_features)
+      else:
+        q_in = keys_flat
+      q = dense("query")(q_in)
       k = dense("key")(keys_flat)
       logits = enc.content_logits(q, k).astype(jnp.float32)
+      if self.encoding == "quadratic_content":
+        centers, alpha = self._quadratic_params(d)
+        axis_logits = enc.quadratic_axis_logits(
+          qpos, kpos, centers.astype(jnp.float32), alpha.astype(jnp.float32)
+        )
+        logits = logits + enc.combine_axis_logits(axis_logits)
       if self.encoding == "learned_content":
         if dk % d:
           raise ValueError(

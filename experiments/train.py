@@ -53,7 +53,7 @@ __all__ = [
   "weight_decay_mask",
 ]
 
-NO_DECAY_NAMES = ("centers", "spreads")
+NO_DECAY_NAMES = ("centers", "spreads", "alpha")
 METRICS_FILE = "metrics.jsonl"
 CENTERS_FILE = "centers.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -151,7 +151,7 @@ def create_learning_rate_schedule(
 
 
 def weight_decay_mask(params: Any) -> Any:
-  """Pytree of bools: True for every parameter except those named ``centers`` / ``spreads``."""
+  """Pytree of bools: True for every parameter except those named ``centers``, ``spreads``, ``alpha``."""
 
   def decay(path, _):
     names = {getattr(k, "key", getattr(k, "name", None)) for k in path}
@@ -335,6 +335,7 @@ def train_and_evaluate(
   workdir: str | os.PathLike,
   *,
   dataset: data_lib.Dataset | None = None,
+  init_variables: Any = None,
 ) -> dict[str, Any]:
   """Trains ``config.model`` on ``config.dataset``, resuming from ``workdir`` if possible.
 
@@ -344,6 +345,9 @@ def train_and_evaluate(
     workdir: output directory (created if needed): checkpoints, metrics, summary, plots.
     dataset: optional pre-loaded :class:`attnconv.data.Dataset` (tests); by default it is loaded
       from ``config.dataset``.
+    init_variables: optional ``{'params': ..., 'batch_stats': ...}`` to start from instead of the
+      model's initialisation (fine-tuning, e.g. a converted network); their shapes must be the
+      model's. Ignored when ``workdir`` has a checkpoint to resume from.
 
   Returns:
     The summary dict written to ``<workdir>/summary.json``; when the run stopped early because of
@@ -407,6 +411,8 @@ def train_and_evaluate(
   def init_fn(key):
     params_key, dropout_key = jax.random.split(key)
     variables = model.init({"params": params_key, "dropout": dropout_key}, sample, train=False)
+    if init_variables is not None:
+      variables = {**variables, **init_variables}
     params = variables["params"]
     if conv_init_alpha > 0:  # Start every quadratic attention layer as a K x K convolution.
       params = init_attention_as_convolution(
@@ -424,6 +430,19 @@ def train_and_evaluate(
       count=zero,
       nonfinite_step=-jnp.ones((), jnp.int32),
     )
+
+  if init_variables is not None:
+    init_variables = flax.core.unfreeze(init_variables)
+    expected = jax.eval_shape(
+      lambda: model.init({"params": init_key, "dropout": init_key}, sample, train=False)
+    )
+    for collection, tree in init_variables.items():
+      want = jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), expected.get(collection))
+      got = jax.tree_util.tree_map(lambda x: (tuple(x.shape), x.dtype), tree)
+      if want != got:
+        raise ValueError(
+          f"init_variables: expected the model's {collection!r} shapes and dtypes {want}, got {got}"
+        )
 
   abstract = jax.tree_util.tree_map(
     lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
@@ -446,6 +465,13 @@ def train_and_evaluate(
     state = manager.restore(latest, args=ocp.args.StandardRestore(abstract))
     print(f"Resumed from {workdir / 'checkpoints'} at step {latest}.", flush=True)
   start_step = int(jax.device_get(state.step))
+  summary_path = workdir / SUMMARY_FILE
+  if start_step >= total_steps and summary_path.exists():
+    finished = json.loads(summary_path.read_text())
+    if finished.get("completed") and finished.get("steps") == total_steps:
+      manager.close()
+      best_manager.close()
+      return finished  # Nothing left to do: keep the finished run's summary as it is.
   metrics_path = workdir / METRICS_FILE
   centers_path = workdir / CENTERS_FILE
   history = _truncate_jsonl(metrics_path, start_step)

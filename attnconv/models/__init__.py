@@ -15,6 +15,7 @@ import flax.linen as nn
 
 # name -> (module path, class name); imported lazily so that importing one model does not pay for all.
 _REGISTRY: dict[str, tuple[str, str]] = {
+  "attention_cnn": ("attnconv.models.cnn", "AttentionCNN"),
   "attention_net": ("attnconv.models.attention_net", "AttentionNet"),
   "resnet18": ("attnconv.models.cnn", "ResNet18"),
   "small_cnn": ("attnconv.models.cnn", "SmallCNN"),

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 Array = jax.Array
 
-__all__ = ["BasicBlock", "ResNet18", "SmallCNN"]
+__all__ = ["AttentionCNN", "BasicBlock", "ResNet18", "SmallCNN"]
 
 # PyTorch BatchNorm2d defaults: momentum 0.1 (flax: 0.9 = 1 - 0.1), eps 1e-5.
 _BN_MOMENTUM = 0.9
@@ -166,8 +166,9 @@ class ResNet18(nn.Module):
 class SmallCNN(nn.Module):
   """A small CNN that trains on Fashion-MNIST on a laptop CPU in minutes.
 
-  For each ``features[i]``: 3x3 conv (no bias) -> BN -> ReLU, with stride 2 on every layer but
-  the first; then pooling and ``Dense(num_classes)``. On 28x28x1 inputs with the default
+  Optional ``downsample x downsample`` space-to-depth first (as the attention network); then for
+  each ``features[i]``: 3x3 conv (no bias, padding 1) -> BN -> ReLU, with stride 2 on every layer
+  but the first; then pooling and ``Dense(num_classes)``. On 28x28x1 inputs with the default
   ``features=(32, 64, 128)`` the feature maps are 28 -> 14 -> 7.
 
   Attributes:
@@ -175,6 +176,7 @@ class SmallCNN(nn.Module):
     features: output channels of the convolutions.
     pool: ``"avg"`` (global average pooling, position-invariant) or ``"flatten"`` (flatten the
       last feature map, position-aware; learns Fashion-MNIST much faster).
+    downsample: space-to-depth block size applied to the images first (1: none).
     dtype: computation dtype; logits are returned in float32.
     param_dtype: parameter dtype.
   """
@@ -182,14 +184,28 @@ class SmallCNN(nn.Module):
   num_classes: int = 10
   features: Sequence[int] = (32, 64, 128)
   pool: str = "avg"
+  downsample: int = 1
   dtype: Any = None
   param_dtype: Any = jnp.float32
+
+  def _conv(self, features: int, stride: int, name: str) -> nn.Module:
+    return nn.Conv(
+      features,
+      (3, 3),
+      strides=(stride, stride),
+      padding=((1, 1), (1, 1)),
+      use_bias=False,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name=name,
+    )
 
   @nn.compact
   def __call__(self, images: Array, train: bool = False) -> Array:
     """Classifies ``images (B, H, W, C)`` into logits ``(B, num_classes)`` (float32)."""
     _check_images(images)
     _check_positive("num_classes", self.num_classes)
+    _check_positive("downsample", self.downsample)
     if len(self.features) == 0:
       raise ValueError(f"features: expected a non-empty sequence, got {self.features!r}")
     for f in self.features:
@@ -197,18 +213,12 @@ class SmallCNN(nn.Module):
     if self.pool not in ("avg", "flatten"):
       raise ValueError(f"pool: expected 'avg' or 'flatten', got {self.pool!r}")
     x = images.astype(self.dtype or jnp.result_type(images.dtype, jnp.float32))
+    if self.downsample > 1:
+      from attnconv.models.attention_net import space_to_depth
+
+      x = space_to_depth(x, self.downsample)
     for i, f in enumerate(self.features):
-      s = 1 if i == 0 else 2
-      x = nn.Conv(
-        f,
-        (3, 3),
-        strides=(s, s),
-        padding=((1, 1), (1, 1)),
-        use_bias=False,
-        dtype=self.dtype,
-        param_dtype=self.param_dtype,
-        name=f"conv{i + 1}",
-      )(x)
+      x = self._conv(f, 1 if i == 0 else 2, f"conv{i + 1}")(x)
       x = nn.BatchNorm(
         use_running_average=not train,
         momentum=_BN_MOMENTUM,
@@ -223,3 +233,46 @@ class SmallCNN(nn.Module):
       self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name="classifier"
     )(x)
     return x.astype(jnp.float32)
+
+
+class AttentionCNN(SmallCNN):
+  """:class:`SmallCNN` with every 3x3 convolution replaced by 9-head self-attention.
+
+  Layer ``conv{i}`` is a :class:`attnconv.layers.MultiHeadRelativeAttention` with the grids of
+  the convolution it replaces (padding 1, stride 1 or 2, queries at the centres of their 3x3
+  windows), parameters ``centers (9, 2)``, ``alpha (9,)`` and ``out`` (no bias), and for
+  ``encoding="quadratic_content"`` also ``query``/``key`` projections. Its parameters are those
+  of :func:`attnconv.construction.conv_to_attention` (see
+  :func:`attnconv.models.conv_init.attention_cnn_from_cnn`), so a trained SmallCNN converts into
+  it and can then be fine-tuned as free attention: centres, ``alpha`` and content all trainable.
+
+  Attributes (besides :class:`SmallCNN`'s):
+    encoding: ``"quadratic"`` (position only; separable fast path) or ``"quadratic_content"``.
+    qk_features: per-head query/key size of the content term.
+  """
+
+  encoding: str = "quadratic"
+  qk_features: int = 8
+
+  def _conv(self, features: int, stride: int, name: str) -> nn.Module:
+    from attnconv.layers import MultiHeadRelativeAttention
+
+    if self.encoding not in ("quadratic", "quadratic_content"):
+      raise ValueError(
+        f"encoding: expected 'quadratic' or 'quadratic_content', got {self.encoding!r}"
+      )
+    return MultiHeadRelativeAttention(
+      num_heads=9,
+      encoding=self.encoding,
+      out_features=features,
+      qk_features=self.qk_features if self.encoding == "quadratic_content" else None,
+      sharpness_param="alpha",
+      implementation="separable" if self.encoding == "quadratic" else "dense",
+      strides=stride,
+      padding=((1, 1), (1, 1)),
+      query_window=3,
+      use_bias=False,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name=name,
+    )

@@ -126,3 +126,66 @@ def init_attention_as_convolution(
       "found none"
     )
   return flax.core.freeze(result) if frozen else result
+
+
+def attention_cnn_from_cnn(
+  variables: Mapping[str, Any],
+  *,
+  alpha: float,
+  encoding: str = "quadratic",
+  qk_features: int = 8,
+  rng: jax.Array | None = None,
+) -> dict:
+  """Converts the variables of a trained :class:`SmallCNN` into an :class:`AttentionCNN`'s.
+
+  Every ``conv{i}`` kernel ``(3, 3, C_in, C_out)`` becomes the 9-head attention layer of
+  :func:`attnconv.construction.conv_to_attention` at sharpness ``alpha`` (centres on the kernel
+  grid, out kernel = the kernel's slices); BatchNorm, its statistics and the classifier are copied.
+  For ``encoding="quadratic_content"`` the content term starts switched off but trainable:
+  ``W_qry = 0`` and ``b_qry = 0`` (the logits' content part is exactly 0) and a random ``W_key``
+  (LeCun normal from ``rng``), so the first gradient step reaches ``W_qry``.
+
+  Args:
+    variables: ``{'params': ..., 'batch_stats': ...}`` of a SmallCNN.
+    alpha: finite sharpness > 0 (the layers are softmax attention, so ``alpha`` is trainable).
+    encoding: the AttentionCNN's ``encoding``.
+    qk_features: the AttentionCNN's ``qk_features`` (content only).
+    rng: key of the random ``W_key`` (content only; default ``jax.random.key(0)``).
+
+  Returns:
+    The AttentionCNN variables (plain dicts).
+  """
+  if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+    raise TypeError(f"alpha: expected a finite float > 0, got {alpha!r}")
+  if not (alpha > 0 and math.isfinite(alpha)):
+    raise ValueError(f"alpha: expected a finite float > 0, got {alpha}")
+  if encoding not in ("quadratic", "quadratic_content"):
+    raise ValueError(f"encoding: expected 'quadratic' or 'quadratic_content', got {encoding!r}")
+  variables = flax.core.unfreeze(variables)
+  params = dict(variables["params"])
+  convs = sorted(k for k in params if k.startswith("conv") and "kernel" in params[k])
+  if not convs:
+    raise ValueError(
+      f"variables: expected SmallCNN parameters with conv1, conv2, ... kernels, got {list(params)}"
+    )
+  rng = jax.random.key(0) if rng is None else rng
+  for i, name in enumerate(convs):
+    kernel = params[name]["kernel"]
+    if kernel.shape[:2] != (3, 3):
+      raise ValueError(f"variables: expected 3x3 kernels, got {name} of shape {kernel.shape}")
+    _, converted = construction.conv_to_attention(kernel, alpha=float(alpha))
+    layer = dict(converted["params"])
+    if encoding == "quadratic_content":
+      c_in = kernel.shape[2]
+      heads = layer["centers"].shape[0]
+      key_kernel = jax.nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2))(
+        jax.random.fold_in(rng, i), (c_in, heads, qk_features), kernel.dtype
+      )
+      zeros = jnp.zeros((heads, qk_features), kernel.dtype)
+      layer["query"] = {"kernel": jnp.zeros_like(key_kernel), "bias": zeros}
+      layer["key"] = {"kernel": key_kernel, "bias": zeros}
+    params[name] = layer
+  out = {"params": params}
+  if "batch_stats" in variables:
+    out["batch_stats"] = variables["batch_stats"]
+  return out
