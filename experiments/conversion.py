@@ -26,10 +26,6 @@ from absl import logging as absl_logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Root directory of the stages' runs.")
-flags.DEFINE_string("out", "experiments/results/conversion.json", "Where to copy the results.")
-config_flags.DEFINE_config_file("config", None, "experiments/configs/conversion.py")
-flags.mark_flags_as_required(["config", "workdir"])
 
 FINETUNE_STAGES = ("cnn_continued", "attention_free", "attention_content")
 
@@ -215,6 +211,14 @@ def run(config, workdir: str | os.PathLike, *, dataset=None) -> dict[str, Any]:
   return results
 
 
+def _define_flags() -> None:
+  """Command-line flags (defined only when run as a script, so the module imports cleanly)."""
+  flags.DEFINE_string("workdir", None, "Root directory of the stages' runs.")
+  flags.DEFINE_string("out", "experiments/results/conversion.json", "Where to copy the results.")
+  config_flags.DEFINE_config_file("config", None, "experiments/configs/conversion.py")
+  flags.mark_flags_as_required(["config", "workdir"])
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
@@ -234,4 +238,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

@@ -35,15 +35,6 @@ from absl import logging as absl_logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Root directory of the grid's runs.")
-flags.DEFINE_string("models", "", "Comma-separated subset of the config's models (default: all).")
-flags.DEFINE_integer("workers", 1, "Number of worker processes (each single-threaded when > 1).")
-flags.DEFINE_integer("worker_index", -1, "Internal: run only this worker's share of the grid.")
-flags.DEFINE_string("out", "experiments/results/data_scaling.json", "Records (JSON list).")
-flags.DEFINE_string("plot", "experiments/results/data_scaling.png", "Plot ('' for none).")
-flags.DEFINE_bool("aggregate_only", False, "Only gather finished runs into --out and --plot.")
-config_flags.DEFINE_config_file("config", None, "experiments/configs/data_scaling.py[:arg]")
-flags.mark_flags_as_required(["config", "workdir"])
 
 
 def grid_points(config, models: Sequence[str] | None = None) -> list[tuple[str, int, int]]:
@@ -182,6 +173,19 @@ def _spawn_workers(argv: list[str], workers: int) -> None:
     raise SystemExit(f"data_scaling: worker exit codes {codes}")
 
 
+def _define_flags() -> None:
+  """Command-line flags (defined only when run as a script, so the module imports cleanly)."""
+  flags.DEFINE_string("workdir", None, "Root directory of the grid's runs.")
+  flags.DEFINE_string("models", "", "Comma-separated subset of the config's models (default: all).")
+  flags.DEFINE_integer("workers", 1, "Number of worker processes (each single-threaded when > 1).")
+  flags.DEFINE_integer("worker_index", -1, "Internal: run only this worker's share of the grid.")
+  flags.DEFINE_string("out", "experiments/results/data_scaling.json", "Records (JSON list).")
+  flags.DEFINE_string("plot", "experiments/results/data_scaling.png", "Plot ('' for none).")
+  flags.DEFINE_bool("aggregate_only", False, "Only gather finished runs into --out and --plot.")
+  config_flags.DEFINE_config_file("config", None, "experiments/configs/data_scaling.py[:arg]")
+  flags.mark_flags_as_required(["config", "workdir"])
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
@@ -210,4 +214,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

@@ -1,0 +1,202 @@
+"""Learned receptive fields: per layer, the attention mass within radius r of the query.
+
+Usage::
+
+  python -m experiments.receptive_field --workdirs=runs/data_scaling/attention_quadratic/nall/s0,... \
+    [--names=quadratic,...] [--out=experiments/results/receptive_field.json] \
+    [--plot=experiments/results/receptive_field.png]
+
+For each trained attention network (a trainer workdir: ``config.json`` and ``best/``) and each
+layer, the attention probabilities of every head are read from the ``attention_probs`` the layers
+sow (position-only encodings: the map itself; content encodings: averaged over ``--images`` test
+images), and the mass within Euclidean distance ``r`` of the query (in tokens of that layer's grid)
+is averaged over heads and queries. A 3x3 convolution puts all its weight within ``r = sqrt(2)``
+at every layer (its fixed field); the attention network chooses its own. Also reported per layer:
+``r50`` / ``r90``, the smallest radius holding 50% / 90% of the mass, and the mean distance.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import json  # noqa: E402
+import pathlib  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from absl import logging as absl_logging  # noqa: E402
+
+FLAGS = flags.FLAGS
+
+
+def token_distances(grid: Sequence[int]) -> np.ndarray:
+  """``(N, N)`` Euclidean distances between the tokens of a ``grid`` (row-major order)."""
+  coords = np.stack(np.meshgrid(*[np.arange(n) for n in grid], indexing="ij"), -1).reshape(
+    -1, len(grid)
+  )
+  return np.linalg.norm(coords[:, None, :] - coords[None, :, :], axis=-1)
+
+
+def mass_within(probs: np.ndarray, distances: np.ndarray, radii: Sequence[float]) -> np.ndarray:
+  """Mean over heads and queries of the attention mass at distance ``<= r``, for each ``r``.
+
+  Args:
+    probs: ``(H, Nq, Nk)`` (or ``(B, H, Nq, Nk)``, averaged over ``B`` first); rows sum to 1.
+    distances: ``(Nq, Nk)`` query-key distances.
+    radii: the radii.
+
+  Returns:
+    ``(len(radii),)`` masses in [0, 1], non-decreasing in ``r``.
+  """
+  probs = np.asarray(probs, np.float64)
+  if probs.ndim == 4:
+    probs = probs.mean(0)
+  if probs.ndim != 3 or probs.shape[1:] != distances.shape:
+    raise ValueError(
+      f"probs: expected (H, Nq, Nk) or (B, H, Nq, Nk) with (Nq, Nk) = {distances.shape}, got "
+      f"{probs.shape}"
+    )
+  return np.array([(probs * (distances <= r + 1e-9)).sum(-1).mean() for r in radii])
+
+
+def radius_for_mass(probs: np.ndarray, distances: np.ndarray, mass: float) -> float:
+  """Mean over heads and queries of the smallest ``r`` with at least ``mass`` within ``r``."""
+  probs = np.asarray(probs, np.float64)
+  if probs.ndim == 4:
+    probs = probs.mean(0)
+  order = np.argsort(distances, axis=-1, kind="stable")
+  d_sorted = np.take_along_axis(distances, order, -1)  # (Nq, Nk)
+  p_sorted = np.take_along_axis(probs, order[None], -1)  # (H, Nq, Nk)
+  cum = np.cumsum(p_sorted, -1)
+  idx = np.argmax(cum >= mass - 1e-9, axis=-1)  # (H, Nq)
+  return float(
+    np.take_along_axis(d_sorted[None].repeat(probs.shape[0], 0), idx[..., None], -1).mean()
+  )
+
+
+def layer_probabilities(workdir: str | os.PathLike, num_images: int = 200) -> tuple[list, tuple]:
+  """Per layer, the sown attention probabilities of a trained network and its token grid."""
+  import jax
+  import ml_collections
+
+  from attnconv import data as data_lib
+  from experiments import conversion
+  from experiments import train as train_lib
+
+  workdir = pathlib.Path(workdir)
+  config = ml_collections.ConfigDict(json.loads((workdir / train_lib.CONFIG_FILE).read_text()))
+  dataset = train_lib.load_dataset_from_config(config)
+  model = train_lib._build_model(config, dataset.num_classes)
+  variables = conversion.load_best(workdir)
+  images = data_lib.normalize(dataset.test_images[:num_images], dataset.mean, dataset.std)
+  _, state = jax.jit(lambda v, x: model.apply(v, x, train=False, mutable=["intermediates"]))(
+    variables, images
+  )
+  flat = jax.tree_util.tree_flatten_with_path(state["intermediates"])[0]
+  probs = []
+  for path, leaf in flat:
+    keys = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
+    if "attention_probs" in keys:
+      probs.append((keys, np.asarray(leaf)))
+  probs.sort(key=lambda kv: [int(k.split("_")[-1]) if k.startswith("block_") else 0 for k in kv[0]])
+  down = int(config.model.get("downsample", 1))
+  grid = tuple(n // down for n in dataset.image_shape[:2])
+  return [p for _, p in probs], grid
+
+
+def analyse(
+  probs_per_layer: Sequence[np.ndarray], grid: Sequence[int], radii: Sequence[float]
+) -> list[dict[str, Any]]:
+  """Per layer: mass within each radius, r50, r90 and the mean query-key distance."""
+  distances = token_distances(grid)
+  out = []
+  for layer, probs in enumerate(probs_per_layer):
+    p = np.asarray(probs, np.float64)
+    p3 = p.mean(0) if p.ndim == 4 else p
+    out.append(
+      {
+        "layer": layer,
+        "mass_within": dict(
+          zip([f"{r:g}" for r in radii], np.round(mass_within(p3, distances, radii), 4).tolist())
+        ),
+        "r50": round(radius_for_mass(p3, distances, 0.5), 3),
+        "r90": round(radius_for_mass(p3, distances, 0.9), 3),
+        "mean_distance": round(float((p3 * distances).sum(-1).mean()), 3),
+      }
+    )
+  return out
+
+
+RADII = (0.0, 1.0, float(np.sqrt(2.0)), 2.0, float(np.sqrt(8.0)), 3.0, 4.0, 6.0)
+
+
+def plot(results: dict[str, Any], path: str | os.PathLike) -> None:
+  """Left: r90 against depth per model, beside the 3x3 convolution's field. Right: mass within
+  r = sqrt(2) (the 3x3 window) against depth."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+  depth = 0
+  for name, entry in results["models"].items():
+    layers = entry["layers"]
+    x = [lay["layer"] + 1 for lay in layers]
+    depth = max(depth, len(x))
+    axes[0].plot(x, [lay["r90"] for lay in layers], marker="o", label=name)
+    axes[1].plot(x, [lay["mass_within"]["1.41421"] for lay in layers], marker="o", label=name)
+  xs = np.arange(1, depth + 1)
+  axes[0].plot(xs, [np.sqrt(2)] * len(xs), "k--", label="3x3 conv (fixed)")
+  axes[1].plot(xs, [1.0] * len(xs), "k--", label="3x3 conv (fixed)")
+  axes[0].set(xlabel="layer", ylabel="r90 (tokens)", title="radius holding 90% of attention")
+  axes[1].set(xlabel="layer", ylabel="mass", title="attention mass inside the 3x3 window")
+  for ax in axes:
+    ax.set_xticks(xs)
+    ax.grid(alpha=0.3)
+  axes[0].legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=130)
+  plt.close(fig)
+
+
+def _define_flags() -> None:
+  """Command-line flags (defined only when run as a script, so the module imports cleanly)."""
+  flags.DEFINE_list("workdirs", [], "Trainer workdirs of attention networks.")
+  flags.DEFINE_list("names", [], "Labels of the workdirs (default: the workdir paths).")
+  flags.DEFINE_integer("images", 200, "Test images averaged over for content attention.")
+  flags.DEFINE_string("out", "experiments/results/receptive_field.json", "Results (JSON).")
+  flags.DEFINE_string("plot", "experiments/results/receptive_field.png", "Plot ('' for none).")
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
+  if not FLAGS["verbosity"].present:
+    absl_logging.set_verbosity(absl_logging.WARNING)
+  names = FLAGS.names or FLAGS.workdirs
+  if len(names) != len(FLAGS.workdirs):
+    raise app.UsageError("--names: expected one name per workdir")
+  results: dict[str, Any] = {"radii": list(RADII), "models": {}}
+  for name, workdir in zip(names, FLAGS.workdirs):
+    probs, grid = layer_probabilities(workdir, FLAGS.images)
+    results["models"][name] = {"workdir": workdir, "grid": list(grid)}
+    results["models"][name]["layers"] = analyse(probs, grid, RADII)
+    for lay in results["models"][name]["layers"]:
+      print(
+        f"{name:28s} layer {lay['layer'] + 1}: r50 {lay['r50']:.2f}  r90 {lay['r90']:.2f}  "
+        f"mass<=sqrt2 {lay['mass_within']['1.41421']:.3f}  mean dist {lay['mean_distance']:.2f}"
+      )
+  pathlib.Path(FLAGS.out).parent.mkdir(parents=True, exist_ok=True)
+  pathlib.Path(FLAGS.out).write_text(json.dumps(results, indent=1) + "\n")
+  if FLAGS.plot:
+    plot(results, FLAGS.plot)
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)

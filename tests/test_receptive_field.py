@@ -1,0 +1,87 @@
+"""Receptive-field analysis (experiments/receptive_field.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from experiments import receptive_field as rf
+from experiments import train as train_lib
+from tests.test_data_scaling import _synthetic
+
+
+def _one_hot_shift(grid, shift):
+  """(1, N, N) attention: every query attends to the token at ``q + shift`` (clamped)."""
+  h, w = grid
+  n = h * w
+  probs = np.zeros((1, n, n))
+  for i in range(h):
+    for j in range(w):
+      ki, kj = min(max(i + shift[0], 0), h - 1), min(max(j + shift[1], 0), w - 1)
+      probs[0, i * w + j, ki * w + kj] = 1.0
+  return probs
+
+
+def test_distances_and_exact_masses():
+  d = rf.token_distances((2, 3))
+  assert d.shape == (6, 6) and d[0, 5] == pytest.approx(np.sqrt(1 + 4))
+  np.testing.assert_array_equal(d, d.T)
+  # Interior queries of a (0, 2) shift are at distance 2; clamped border queries nearer.
+  probs = _one_hot_shift((5, 5), (0, 2))
+  masses = rf.mass_within(probs, rf.token_distances((5, 5)), [0.0, 1.0, 2.0])
+  # Columns 0-2 reach their key at distance 2; column 3 at 1; column 4 at 0.
+  np.testing.assert_allclose(masses, [5 / 25, 10 / 25, 1.0])
+  assert rf.radius_for_mass(probs, rf.token_distances((5, 5)), 0.9) == pytest.approx(
+    (15 * 2 + 5 * 1 + 0) / 25
+  )
+  # A batch axis is averaged over first.
+  batched = np.stack([probs, _one_hot_shift((5, 5), (0, 0))])
+  np.testing.assert_allclose(
+    rf.mass_within(batched, rf.token_distances((5, 5)), [0.0]), [(5 / 25 + 1) / 2]
+  )
+  with pytest.raises(ValueError, match="probs"):
+    rf.mass_within(np.ones((2, 3, 3)), rf.token_distances((2, 2)), [1.0])
+
+
+def test_uniform_attention_masses_are_area_fractions():
+  grid = (4, 4)
+  probs = np.full((2, 16, 16), 1 / 16)
+  d = rf.token_distances(grid)
+  for r in (0.0, 1.0, 2.5):
+    np.testing.assert_allclose(rf.mass_within(probs, d, [r])[0], (d <= r).mean())
+  layers = rf.analyse([probs, _one_hot_shift(grid, (0, 0))], grid, rf.RADII)
+  assert layers[1]["r90"] == 0.0 and layers[1]["mean_distance"] == 0.0
+  assert layers[0]["r90"] > layers[1]["r90"]
+  assert all(
+    a <= b
+    for a, b in zip(
+      list(layers[0]["mass_within"].values()), list(layers[0]["mass_within"].values())[1:]
+    )
+  )
+
+
+def test_trained_workdir(tmp_path, monkeypatch):
+  """From a trainer workdir: one map per layer, the token grid, and the plot."""
+  monkeypatch.setattr(train_lib, "load_dataset_from_config", lambda config: _synthetic(40))
+  config = train_lib.ml_collections.ConfigDict(
+    __import__("experiments.configs.common", fromlist=["x"]).base_config().to_dict()
+  )
+  config.model = {
+    "name": "attention_net",
+    "num_layers": 2,
+    "num_heads": 4,
+    "hidden_size": 8,
+    "mlp_dim": 8,
+    "downsample": 4,
+    "encoding": "learned_content",
+  }
+  config.num_train_steps, config.eval_every_steps, config.checkpoint_every_steps = 1, 1, 1
+  config.batch_size, config.progress_bar, config.plot = 8, False, False
+  train_lib.train_and_evaluate(config, tmp_path, dataset=_synthetic(40))
+  probs, grid = rf.layer_probabilities(tmp_path, num_images=5)
+  assert grid == (7, 7) and len(probs) == 2
+  assert probs[0].shape == (5, 4, 49, 49)  # content: one map per image
+  np.testing.assert_allclose(probs[1].sum(-1), 1.0, rtol=1e-5)
+  results = {"models": {"x": {"layers": rf.analyse(probs, grid, rf.RADII)}}}
+  rf.plot(results, tmp_path / "rf.png")
+  assert (tmp_path / "rf.png").stat().st_size > 1000
