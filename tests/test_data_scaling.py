@@ -63,7 +63,7 @@ def test_configs():
     grid_config.get_config("imagenet")
   config = grid_config.get_config()
   run = grid_config.run_config(config, "attention_conv_init", 1000, 2)
-  assert run.conv_init_alpha == 1.0 and run.model.encoding == "quadratic"
+  assert run.conv_init_alpha == 2.0 and run.model.encoding == "quadratic"
   assert run.dataset.train_size == 1000 and run.dataset.seed == 2 and run.seed == 2
   assert "scaling" not in run and "scaling" in config  # the grid config is not modified
   assert grid_config.run_config(config, "cnn", 500, 0).conv_init_alpha == 0.0
