@@ -102,6 +102,11 @@ class MultiHeadRelativeAttention(nn.Module):
       quadratic and learned encodings) or ``'gather'`` (hard quadratic only: shifted views).
     strides, padding, padding_mode, input_dilation, query_window: the key and query grids.
     dropout_rate: dropout on attention probabilities (independent mask per example).
+    use_dot_product_attention: for content encodings, compute ``softmax(q.k / sqrt(D_k) + bias) V``
+      with :func:`jax.nn.dot_product_attention` (the positional logits as its ``bias``; JAX picks
+      cuDNN's fused attention on GPUs where dtype and shapes allow, XLA otherwise) whenever the
+      probabilities themselves are not needed (no attention dropout in training, not sowing) and
+      the per-head value size equals ``qk_features`` (as the function requires).
     center_init_std: centres are initialised ``N(0, std^2)`` per coordinate (paper: 2).
     spread_init_std: spreads are initialised ``1 + N(0, std^2)`` (paper: 0.01).
     use_bias: bias ``b_out``.
@@ -127,6 +132,7 @@ class MultiHeadRelativeAttention(nn.Module):
   input_dilation: int | Sequence[int] = 1
   query_window: int | Sequence[int] = 1
   dropout_rate: float = 0.0
+  use_dot_product_attention: bool = True
   center_init_std: float = 2.0
   spread_init_std: float = 0.01
   use_bias: bool = True
@@ -493,13 +499,7 @@ class MultiHeadRelativeAttention(nn.Module):
         q_in = keys_flat
       q = dense("query")(q_in)
       k = dense("key")(keys_flat)
-      logits = enc.content_logits(q, k).astype(jnp.float32)
-      if self.encoding == "quadratic_content":
-        centers, alpha = self._quadratic_params(d)
-        axis_logits = enc.quadratic_axis_logits(
-          qpos, kpos, centers.astype(jnp.float32), alpha.astype(jnp.float32)
-        )
-        logits = logits + enc.combine_axis_logits(axis_logits)
+      extra = None  # positional logits added to the content scores
       if self.encoding == "learned_content":
         if dk % d:
           raise ValueError(
@@ -511,7 +511,30 @@ class MultiHeadRelativeAttention(nn.Module):
           raise ValueError(f"rel_features: expected qk_features / d = {dk // d}, got {width}")
         tables = self._tables(d, kpos, qpos, width)
         rel = enc.relative_embeddings(qpos, kpos, [t.astype(dtype) for t in tables])
-        logits = logits + enc.query_relative_logits(q, q_shape, rel).astype(jnp.float32)
+        extra = enc.query_relative_logits(q, q_shape, rel).astype(jnp.float32)
+      if self.encoding == "quadratic_content":
+        centers, alpha = self._quadratic_params(d)
+        axis_logits = enc.quadratic_axis_logits(
+          qpos, kpos, centers.astype(jnp.float32), alpha.astype(jnp.float32)
+        )
+        extra = enc.combine_axis_logits(axis_logits)[None]
+      value_dim = in_features if self.value_features is None else self.value_features
+      if self.use_dot_product_attention and not use_dropout and not sow and value_dim == dk:
+        # Fused path: the (B, H, Nq, Nk) probabilities are never returned (flash attention on
+        # GPU). Heads share the full input as values unless value_features is set.
+        v = values
+        if self.value_features is None:
+          v = jnp.broadcast_to(
+            values[:, :, None, :], (*values.shape[:2], self.num_heads, in_features)
+          )
+        heads = jax.nn.dot_product_attention(q, k, v.astype(q.dtype), bias=extra)
+        y = jnp.einsum("bqhc,hcd->bqd", heads, kernel, precision=self.precision)
+        if bias is not None:
+          y = y + bias.astype(dtype)
+        return y.reshape((b, *q_shape, out_features))
+      logits = enc.content_logits(q, k).astype(jnp.float32)
+      if extra is not None:
+        logits = logits + extra
       probs = attn.softmax(logits)
       if sow:
         self.sow("intermediates", "attention_probs", probs)
