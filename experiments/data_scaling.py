@@ -147,7 +147,9 @@ def plot(records: Sequence[dict], path: str | os.PathLike) -> None:
   ax.set_ylabel("test accuracy (model selected on validation)")
   dataset = records[0].get("dataset", "") if records else ""
   steps = records[0]["steps"] if records else 0
-  ax.set_title(f"Data efficiency on {dataset}: {steps} steps per run, mean +- std over seeds")
+  ax.set_title(
+    f"Data efficiency on {dataset}\n{steps} steps per run, mean +- std over seeds", fontsize=10
+  )
   ax.grid(True, which="both", alpha=0.3)
   ax.legend(fontsize=8)
   fig.tight_layout()

@@ -153,6 +153,12 @@ def plot(results: dict[str, Any], path: str | os.PathLike) -> None:
   xs = np.arange(1, depth + 1)
   axes[0].plot(xs, [np.sqrt(2)] * len(xs), "k--", label="3x3 conv (fixed)")
   axes[1].plot(xs, [1.0] * len(xs), "k--", label="3x3 conv (fixed)")
+  uniform = results.get("uniform_reference")
+  if uniform:
+    axes[0].plot(xs, [uniform["r90"]] * len(xs), ":", color="gray", label="uniform attention")
+    axes[1].plot(
+      xs, [uniform["mass_within"]["1.41421"]] * len(xs), ":", color="gray", label="uniform"
+    )
   axes[0].set(xlabel="layer", ylabel="r90 (tokens)", title="radius holding 90% of attention")
   axes[1].set(xlabel="layer", ylabel="mass", title="attention mass inside the 3x3 window")
   for ax in axes:
@@ -191,6 +197,10 @@ def main(argv: list[str]) -> None:
         f"{name:28s} layer {lay['layer'] + 1}: r50 {lay['r50']:.2f}  r90 {lay['r90']:.2f}  "
         f"mass<=sqrt2 {lay['mass_within']['1.41421']:.3f}  mean dist {lay['mean_distance']:.2f}"
       )
+  if results["models"]:  # Reference: every head uniform over the grid (no locality at all).
+    grid = next(iter(results["models"].values()))["grid"]
+    n = int(np.prod(grid))
+    results["uniform_reference"] = analyse([np.full((1, n, n), 1.0 / n)], grid, RADII)[0]
   pathlib.Path(FLAGS.out).parent.mkdir(parents=True, exist_ok=True)
   pathlib.Path(FLAGS.out).write_text(json.dumps(results, indent=1) + "\n")
   if FLAGS.plot:
