@@ -493,8 +493,13 @@ class MultiHeadRelativeAttention(nn.Module):
       )
       if self.encoding == "quadratic_content":
         # Queries read the key grid at their own coordinates (the centre of their window).
-        rows = [np.asarray(q) - np.asarray(k)[0] for q, k in zip(qpos, kpos)]
-        q_in = keys[(slice(None), *np.ix_(*rows))].reshape(b, -1, in_features)
+        # The rows are arithmetic progressions start + stride * i: a strided slice (no gather).
+        index = [slice(None)]
+        for q, k in zip(qpos, kpos):
+          rows = np.asarray(q) - np.asarray(k)[0]
+          step = int(rows[1] - rows[0]) if rows.size > 1 else 1
+          index.append(slice(int(rows[0]), int(rows[-1]) + 1, step))
+        q_in = keys[tuple(index)].reshape(b, -1, in_features)
       else:
         q_in = keys_flat
       q = dense("query")(q_in)

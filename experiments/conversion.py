@@ -43,8 +43,11 @@ def stage_config(config, stage: str):
     return run
   if stage not in FINETUNE_STAGES:
     raise ValueError(f"stage: expected 'cnn' or one of {FINETUNE_STAGES}, got {stage!r}")
-  if c.finetune_epochs > 0:
-    run.num_epochs = c.finetune_epochs
+  epochs = c.finetune_epochs
+  if stage == "attention_content":
+    epochs = c.get("content_finetune_epochs", epochs)
+  if epochs > 0:
+    run.num_epochs = epochs
   run.learning_rate = c.finetune_lr
   if stage != "cnn_continued":
     fields = run.model.to_dict()
@@ -199,7 +202,9 @@ def run(config, workdir: str | os.PathLike, *, dataset=None) -> dict[str, Any]:
           "best_val_accuracy",
           "final_test_accuracy",
           "steps",
+          "epochs",
           "train_seconds",
+          "images_per_second",
         )
       },
     }

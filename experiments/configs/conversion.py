@@ -16,7 +16,7 @@ Stages (each an ordinary trainer run in ``<workdir>/<stage>``, model selection o
      ``cnn_continued`` (the CNN, trained on: the baseline with the same extra steps),
      ``attention_free`` (AttentionCNN, quadratic, centres and alpha trainable, starting at
      ``finetune_alpha``) and ``attention_content`` (the same plus content q.k with W_qry = 0 at
-     the start).
+     the start; ``content_finetune_epochs`` epochs).
 
 Writes ``<workdir>/conversion.json`` (and ``--out``, default
 ``experiments/results/conversion.json``). Expected runtime (2-core CPU): about 15 minutes;
@@ -53,6 +53,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.conversion.alphas = (87.3365478515625, 20.0, 10.0, 5.0, 3.0, 2.0, 1.0)
   config.conversion.finetune_alpha = 5.0
   config.conversion.finetune_epochs = 2
+  # The content stage is ~16x slower per image on CPU (dense (B, H, Nq, Nk) content logits
+  # against the separable position-only path): one epoch.
+  config.conversion.content_finetune_epochs = 1
   config.conversion.finetune_lr = 0.001
   config.conversion.qk_features = 8
   if arg == "smoke":
@@ -61,4 +64,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.conversion.alphas = (20.0, 1.0)
     config.conversion.cnn_epochs = -1
     config.conversion.finetune_epochs = -1
+    config.conversion.content_finetune_epochs = -1
   return config
