@@ -137,14 +137,17 @@ def aggregate_separable(
   return x.reshape(b, nq, x.shape[-2], x.shape[-1])
 
 
-def dropout_probs(rng: Array, probs: Array, rate: float, batch_size: int) -> Array:
+def dropout_probs(rng: Array, probs: Array, rate: float, batch_size: int | None) -> Array:
   """Dropout on attention probabilities with an independent mask per example.
 
-  Position-only probabilities ``(H, Nq, Nk)`` are broadcast to ``(B, H, Nq, Nk)`` first.
+  Position-only probabilities ``(H, Nq, Nk)`` are broadcast to ``(B, H, Nq, Nk)`` first, unless
+  ``batch_size`` is None: then one mask ``(H, Nq, Nk)`` is shared by every example of the batch
+  (B times fewer random bits, and the probabilities keep no batch axis, so the fused
+  aggregation still applies).
   """
   if not 0.0 <= rate < 1.0:
     raise ValueError(f"rate: expected 0 <= rate < 1, got {rate}")
-  if probs.ndim == 3:
+  if probs.ndim == 3 and batch_size is not None:
     probs = jnp.broadcast_to(probs[None], (batch_size, *probs.shape))
   keep = jax.random.bernoulli(rng, 1.0 - rate, probs.shape)
   return jnp.where(keep, probs / (1.0 - rate), jnp.zeros((), probs.dtype)).astype(probs.dtype)

@@ -102,6 +102,9 @@ class MultiHeadRelativeAttention(nn.Module):
       quadratic and learned encodings) or ``'gather'`` (hard quadratic only: shifted views).
     strides, padding, padding_mode, input_dilation, query_window: the key and query grids.
     dropout_rate: dropout on attention probabilities (independent mask per example).
+    shared_dropout_mask: for position-only encodings, draw one attention-dropout mask per step,
+      shared by the batch, instead of one per example: the probabilities keep no batch axis and
+      the fused aggregation applies in training (a different, cheaper regulariser).
     use_dot_product_attention: for content encodings, compute ``softmax(q.k / sqrt(D_k) + bias) V``
       with :func:`jax.nn.dot_product_attention` (the positional logits as its ``bias``; JAX picks
       cuDNN's fused attention on GPUs where dtype and shapes allow, XLA otherwise) whenever the
@@ -132,6 +135,7 @@ class MultiHeadRelativeAttention(nn.Module):
   input_dilation: int | Sequence[int] = 1
   query_window: int | Sequence[int] = 1
   dropout_rate: float = 0.0
+  shared_dropout_mask: bool = False
   use_dot_product_attention: bool = True
   center_init_std: float = 2.0
   spread_init_std: float = 0.01
@@ -441,7 +445,8 @@ class MultiHeadRelativeAttention(nn.Module):
 
     if self.encoding in POSITION_ONLY:
       kind, terms = self._position_terms(d, kpos, qpos, self.rel_features or in_features)
-      fused = self.value_features is None and not use_dropout
+      shared = use_dropout and self.shared_dropout_mask
+      fused = self.value_features is None and (not use_dropout or shared)
       if self.implementation == "gather":
         if self.value_features is not None:
           raise ValueError(
@@ -475,7 +480,9 @@ class MultiHeadRelativeAttention(nn.Module):
           self.sow("intermediates", "attention_probs", probs)
         probs = probs.astype(dtype)
         if use_dropout:
-          probs = attn.dropout_probs(self.make_rng("dropout"), probs, self.dropout_rate, b)
+          probs = attn.dropout_probs(
+            self.make_rng("dropout"), probs, self.dropout_rate, None if shared else b
+          )
         if fused:
           y = attn.aggregate_project(probs, values, kernel, precision=self.precision)
         else:

@@ -59,9 +59,7 @@ def test_fused_bfloat16_within_a_few_ulps(encoding):
   layer = MultiHeadRelativeAttention(num_heads=3, encoding=encoding, dtype=jnp.bfloat16)
   variables = layer.init(jax.random.key(1), x)
   fused = layer.apply(variables, x).astype(jnp.float32)
-  explicit = (
-    layer.clone(use_dot_product_attention=False).apply(variables, x).astype(jnp.float32)
-  )
+  explicit = layer.clone(use_dot_product_attention=False).apply(variables, x).astype(jnp.float32)
   ulp = 2.0**-7  # bfloat16 has 8 significant bits: spacing 2^-7 in [1, 2)
   scale = float(jnp.abs(explicit).max())
   assert float(jnp.abs(fused - explicit).max()) <= 4 * ulp * max(scale, 1.0)

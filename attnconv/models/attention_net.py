@@ -76,6 +76,7 @@ class AttentionBlock(nn.Module):
   implementation: str = "auto"
   init_scheme: str = "torch"
   center_init_std: float = 2.0
+  shared_dropout_mask: bool = False
   dtype: Any = None
   param_dtype: Any = jnp.float32
 
@@ -106,6 +107,7 @@ class AttentionBlock(nn.Module):
       encoding=self.encoding,
       out_features=d,
       dropout_rate=self.attention_dropout_rate,
+      shared_dropout_mask=self.shared_dropout_mask,
       implementation=implementation,
       center_init_std=self.center_init_std,
       dtype=self.dtype,
@@ -145,6 +147,8 @@ class AttentionNet(nn.Module):
     center_init_std: std of the attention centres at initialisation (paper: 2 pixels of the
       down-sampled grid).
     remat: rematerialise each block in the backward pass (saves memory).
+    shared_dropout_mask: one attention-dropout mask per step shared by the batch (position-only
+      encodings; keeps the fused dense path in training) instead of one per example (paper).
     dtype: computation dtype (e.g. bfloat16); parameters stay ``param_dtype``.
   """
 
@@ -161,6 +165,7 @@ class AttentionNet(nn.Module):
   init_scheme: str = "torch"
   center_init_std: float = 2.0
   remat: bool = False
+  shared_dropout_mask: bool = False
   dtype: Any = None
   param_dtype: Any = jnp.float32
 
@@ -193,6 +198,7 @@ class AttentionNet(nn.Module):
         implementation=self.implementation,
         init_scheme=self.init_scheme,
         center_init_std=self.center_init_std,
+        shared_dropout_mask=self.shared_dropout_mask,
         dtype=self.dtype,
         param_dtype=self.param_dtype,
         name=f"block_{i}",

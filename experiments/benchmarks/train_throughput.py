@@ -21,6 +21,11 @@ from experiments.benchmarks import common
 
 MODELS = {
   "paper_quadratic": ("attention_net", {"encoding": "quadratic"}),
+  # One attention-dropout mask per step shared by the batch: the fused path stays on in training.
+  "paper_quadratic_shared_dropout": (
+    "attention_net",
+    {"encoding": "quadratic", "shared_dropout_mask": True},
+  ),
   "paper_generalized": ("attention_net", {"encoding": "generalized"}),
   "paper_learned": ("attention_net", {"encoding": "learned"}),
   "paper_learned_content": ("attention_net", {"encoding": "learned_content"}),
