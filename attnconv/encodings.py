@@ -136,13 +136,15 @@ def _check_heads(centers: Array, d: int, *extra: tuple[str, Array]) -> Array:
 
 
 def _check_alpha(alpha, num_heads: int) -> Array:
+  # Concrete values are checked with numpy (inside jit, jnp ops on constants are staged too).
+  concrete = not isinstance(alpha, jax.core.Tracer)
+  if concrete and np.any(np.asarray(alpha) <= 0):
+    raise ValueError(f"alpha: expected every sharpness > 0, got {np.asarray(alpha)}")
   alpha = jnp.asarray(alpha)
   if alpha.ndim == 0:
     alpha = jnp.broadcast_to(alpha, (num_heads,))
   if alpha.shape != (num_heads,):
     raise ValueError(f"alpha: expected shape ({num_heads},) or a scalar, got {alpha.shape}")
-  if not isinstance(alpha, jax.core.Tracer) and bool(jnp.any(alpha <= 0)):
-    raise ValueError(f"alpha: expected every sharpness > 0, got {np.asarray(alpha)}")
   return alpha
 
 
