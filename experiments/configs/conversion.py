@@ -19,8 +19,10 @@ Stages (each an ordinary trainer run in ``<workdir>/<stage>``, model selection o
      the start; ``content_finetune_epochs`` epochs).
 
 Writes ``<workdir>/conversion.json`` (and ``--out``, default
-``experiments/results/conversion.json``). Expected runtime (2-core CPU): about 15 minutes;
-expected result: see README ("Conversion").
+``experiments/results/conversion.json``). Expected runtime (2-core CPU): about 14 minutes (8 of
+them the content stage). Expected result (measured): CNN 0.8917 test; as hard attention 0.8917
+with 0 of 10,000 predictions changed; fine-tuned 2 epochs: CNN 0.8956, free attention 0.8947;
+content (1 epoch) 0.8924 (README, "Conversion").
 """
 
 from __future__ import annotations

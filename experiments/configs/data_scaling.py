@@ -30,8 +30,11 @@ Recipe: AdamW lr 3e-3 (weight decay 0.05, not on centres/spreads), batch 64, lin
 then cosine, 600 steps (38,400 images: 77 epochs of the 500-image subset, 0.7 of the full set),
 3 evaluations per run. No augmentation: the architecture is the only prior being compared.
 
-Expected runtime and result: see ``experiments/results/data_scaling.json`` and README ("When does
-the convolution's restriction help?"), which give the measured grid, its device and its time.
+Expected runtime and result (measured, 2-core CPU, ``--workers=2``): 52 minutes wall for the 75
+runs; test accuracy at 500 / 55,000 images: cnn 0.750 / 0.830, attention_quadratic 0.737 / 0.789,
+attention_learned 0.747 / 0.796, attention_learned_content 0.742 / 0.820, attention_conv_init
+0.753 / 0.804 (means over 3 seeds; all points in ``experiments/results/data_scaling.json`` and
+README, "When does the convolution's restriction help?").
 """
 
 from __future__ import annotations
