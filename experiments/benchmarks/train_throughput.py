@@ -26,6 +26,11 @@ MODELS = {
     "attention_net",
     {"encoding": "quadratic", "shared_dropout_mask": True},
   ),
+  # Without attention dropout the batch-free separable path runs in training (the ceiling).
+  "paper_quadratic_no_attention_dropout": (
+    "attention_net",
+    {"encoding": "quadratic", "attention_dropout_rate": 0.0},
+  ),
   "paper_generalized": ("attention_net", {"encoding": "generalized"}),
   "paper_learned": ("attention_net", {"encoding": "learned"}),
   "paper_learned_content": ("attention_net", {"encoding": "learned_content"}),
