@@ -313,7 +313,7 @@ class MultiHeadRelativeAttention(nn.Module):
 
   def _position_terms(self, d: int, kpos, qpos, width: int):
     """Returns ('axis', [per-axis logits]) or ('full', logits) of the position-only encoding."""
-    if self.encoding in ("quadratic",):
+    if self.encoding in ("quadratic", "quadratic_content"):
       centers, alpha = self._quadratic_params(d)
       if self.hard:
         # The limit does not depend on alpha > 0: use alpha = 1 for the logits.
@@ -525,10 +525,7 @@ class MultiHeadRelativeAttention(nn.Module):
         rel = enc.relative_embeddings(qpos, kpos, [t.astype(dtype) for t in tables])
         extra = enc.query_relative_logits(q, q_shape, rel).astype(jnp.float32)
       if self.encoding == "quadratic_content":
-        centers, alpha = self._quadratic_params(d)
-        axis_logits = enc.quadratic_axis_logits(
-          qpos, kpos, centers.astype(jnp.float32), alpha.astype(jnp.float32)
-        )
+        _, axis_logits = self._position_terms(d, kpos, qpos, width=1)
         extra = enc.combine_axis_logits(axis_logits)[None]
       value_dim = in_features if self.value_features is None else self.value_features
       if self.use_dot_product_attention and not use_dropout and not sow and value_dim == dk:
@@ -540,20 +537,17 @@ class MultiHeadRelativeAttention(nn.Module):
             values[:, :, None, :], (*values.shape[:2], self.num_heads, in_features)
           )
         heads = jax.nn.dot_product_attention(q, k, v.astype(q.dtype), bias=extra)
-        y = jnp.einsum("bqhc,hcd->bqd", heads, kernel, precision=self.precision)
-        if bias is not None:
-          y = y + bias.astype(dtype)
-        return y.reshape((b, *q_shape, out_features))
-      logits = enc.content_logits(q, k).astype(jnp.float32)
-      if extra is not None:
-        logits = logits + extra
-      probs = attn.softmax(logits)
-      if sow:
-        self.sow("intermediates", "attention_probs", probs)
-      probs = probs.astype(dtype)
-      if use_dropout:
-        probs = attn.dropout_probs(self.make_rng("dropout"), probs, self.dropout_rate, b)
-      heads = attn.aggregate(probs, values, precision=self.precision)
+      else:
+        logits = enc.content_logits(q, k).astype(jnp.float32)
+        if extra is not None:
+          logits = logits + extra
+        probs = attn.softmax(logits)
+        if sow:
+          self.sow("intermediates", "attention_probs", probs)
+        probs = probs.astype(dtype)
+        if use_dropout:
+          probs = attn.dropout_probs(self.make_rng("dropout"), probs, self.dropout_rate, b)
+        heads = attn.aggregate(probs, values, precision=self.precision)
 
     if y is None:
       y = jnp.einsum("bqhc,hcd->bqd", heads, kernel, precision=self.precision)

@@ -60,18 +60,9 @@ def stage_config(config, stage: str):
 
 def load_best(workdir: str | os.PathLike) -> dict:
   """``{'params', 'batch_stats'}`` of the best-validation checkpoint of a trainer run."""
-  import orbax.checkpoint as ocp
+  from experiments.evaluate import restore_variables
 
-  directory = (pathlib.Path(workdir) / "best").absolute()
-  with ocp.CheckpointManager(directory) as manager:
-    step = manager.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"workdir: no best checkpoint in {directory}")
-    restored = manager.restore(step, args=ocp.args.StandardRestore())
-  out = {"params": restored["params"]}
-  if restored.get("batch_stats"):
-    out["batch_stats"] = restored["batch_stats"]
-  return out
+  return restore_variables(workdir, which="best")[1]
 
 
 def predict(model, variables, dataset, images, batch_size: int = 500):

@@ -29,6 +29,24 @@ flags.DEFINE_enum("which", "latest", ["latest", "best"], "Which checkpoint to ev
 flags.DEFINE_bool("plot", True, "Re-draw the plots into <workdir>/plots.")
 
 
+def restore_variables(workdir: str | os.PathLike, *, which: str = "latest") -> tuple[int, dict]:
+  """``(step, {'params', ['batch_stats']})`` of a trainer run's latest or best checkpoint."""
+  import orbax.checkpoint as ocp
+
+  if which not in ("latest", "best"):
+    raise ValueError(f"which: expected 'latest' or 'best', got {which!r}")
+  directory = (pathlib.Path(workdir) / ("checkpoints" if which == "latest" else "best")).absolute()
+  with ocp.CheckpointManager(directory) as manager:
+    step = manager.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"workdir: no checkpoint in {directory}")
+    restored = manager.restore(step, args=ocp.args.StandardRestore())
+  variables = {"params": restored["params"]}
+  if restored.get("batch_stats"):
+    variables["batch_stats"] = restored["batch_stats"]
+  return int(step), variables
+
+
 def evaluate_workdir(
   workdir: str | os.PathLike, *, which: str = "latest", plot: bool = True, dataset: Any = None
 ) -> dict[str, Any]:
@@ -46,7 +64,6 @@ def evaluate_workdir(
   import jax
   import ml_collections
   import numpy as np
-  import orbax.checkpoint as ocp
   from jax.sharding import Mesh, NamedSharding
   from jax.sharding import PartitionSpec as P
 
@@ -63,13 +80,8 @@ def evaluate_workdir(
   if dataset is None:
     dataset = train_lib.load_dataset_from_config(config)
   model = train_lib._build_model(config, dataset.num_classes)
-  directory = (workdir / ("checkpoints" if which == "latest" else "best")).absolute()
-  with ocp.CheckpointManager(directory) as manager:
-    step = manager.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"workdir: no checkpoint in {directory}")
-    restored = manager.restore(step, args=ocp.args.StandardRestore())
-  params, batch_stats = restored["params"], restored.get("batch_stats", {}) or {}
+  step, variables = restore_variables(workdir, which=which)
+  params, batch_stats = variables["params"], variables.get("batch_stats", {})
 
   devices = jax.devices()
   batch = int(config.get("eval_batch_size", -1))

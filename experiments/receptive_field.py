@@ -41,6 +41,12 @@ def token_distances(grid: Sequence[int]) -> np.ndarray:
   return np.linalg.norm(coords[:, None, :] - coords[None, :, :], axis=-1)
 
 
+def _batch_mean(probs: np.ndarray) -> np.ndarray:
+  """float64 ``(H, Nq, Nk)``: content maps ``(B, H, Nq, Nk)`` are averaged over the batch."""
+  probs = np.asarray(probs, np.float64)
+  return probs.mean(0) if probs.ndim == 4 else probs
+
+
 def mass_within(probs: np.ndarray, distances: np.ndarray, radii: Sequence[float]) -> np.ndarray:
   """Mean over heads and queries of the attention mass at distance ``<= r``, for each ``r``.
 
@@ -52,9 +58,7 @@ def mass_within(probs: np.ndarray, distances: np.ndarray, radii: Sequence[float]
   Returns:
     ``(len(radii),)`` masses in [0, 1], non-decreasing in ``r``.
   """
-  probs = np.asarray(probs, np.float64)
-  if probs.ndim == 4:
-    probs = probs.mean(0)
+  probs = _batch_mean(probs)
   if probs.ndim != 3 or probs.shape[1:] != distances.shape:
     raise ValueError(
       f"probs: expected (H, Nq, Nk) or (B, H, Nq, Nk) with (Nq, Nk) = {distances.shape}, got "
@@ -65,9 +69,7 @@ def mass_within(probs: np.ndarray, distances: np.ndarray, radii: Sequence[float]
 
 def radius_for_mass(probs: np.ndarray, distances: np.ndarray, mass: float) -> float:
   """Mean over heads and queries of the smallest ``r`` with at least ``mass`` within ``r``."""
-  probs = np.asarray(probs, np.float64)
-  if probs.ndim == 4:
-    probs = probs.mean(0)
+  probs = _batch_mean(probs)
   order = np.argsort(distances, axis=-1, kind="stable")
   d_sorted = np.take_along_axis(distances, order, -1)  # (Nq, Nk)
   p_sorted = np.take_along_axis(probs, order[None], -1)  # (H, Nq, Nk)
@@ -115,8 +117,7 @@ def analyse(
   distances = token_distances(grid)
   out = []
   for layer, probs in enumerate(probs_per_layer):
-    p = np.asarray(probs, np.float64)
-    p3 = p.mean(0) if p.ndim == 4 else p
+    p3 = _batch_mean(probs)
     out.append(
       {
         "layer": layer,

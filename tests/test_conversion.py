@@ -7,36 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from attnconv.data import Dataset
 from experiments import conversion
 from experiments.configs import conversion as conversion_config
-
-
-def _synthetic() -> Dataset:
-  rng = np.random.default_rng(0)
-
-  def make(n):
-    labels = rng.integers(0, 10, n).astype(np.int32)
-    images = (rng.integers(0, 40, (n, 28, 28, 1)) + 20 * labels[:, None, None, None]).astype(
-      np.uint8
-    )
-    return images, labels
-
-  (tri, trl), (vai, val), (tei, tel) = make(60), make(20), make(30)
-  return Dataset(
-    name="synthetic",
-    train_images=tri,
-    train_labels=trl,
-    val_images=vai,
-    val_labels=val,
-    test_images=tei,
-    test_labels=tel,
-    num_classes=10,
-    mean=(0.5,),
-    std=(0.25,),
-    crop_padding=2,
-    flip=True,
-  )
+from tests.test_data_scaling import _synthetic
 
 
 def test_stage_configs():
@@ -59,7 +32,7 @@ def test_stage_configs():
 
 def test_run_end_to_end_and_resume(tmp_path):
   config = conversion_config.get_config("smoke")
-  dataset = _synthetic()
+  dataset = _synthetic(60)
   results = conversion.run(config, tmp_path, dataset=dataset)
   # Hard attention reproduces the CNN's predictions (the point of the experiment).
   for implementation in ("dense", "gather"):

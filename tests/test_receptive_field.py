@@ -7,6 +7,7 @@ import pytest
 
 from experiments import receptive_field as rf
 from experiments import train as train_lib
+from experiments.configs import common
 from tests.test_data_scaling import _synthetic
 
 
@@ -63,9 +64,7 @@ def test_uniform_attention_masses_are_area_fractions():
 def test_trained_workdir(tmp_path, monkeypatch):
   """From a trainer workdir: one map per layer, the token grid, and the plot."""
   monkeypatch.setattr(train_lib, "load_dataset_from_config", lambda config: _synthetic(40))
-  config = train_lib.ml_collections.ConfigDict(
-    __import__("experiments.configs.common", fromlist=["x"]).base_config().to_dict()
-  )
+  config = common.base_config()
   config.model = {
     "name": "attention_net",
     "num_layers": 2,

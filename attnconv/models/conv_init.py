@@ -39,6 +39,14 @@ def conv_kernel_init() -> Initializer:
   return jax.nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
+def _check_alpha(alpha: Any) -> None:
+  """Raises unless ``alpha`` is a finite Python float (or int) > 0."""
+  if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+    raise TypeError(f"alpha: expected a finite float > 0, got {alpha!r}")
+  if not (alpha > 0 and math.isfinite(alpha)):
+    raise ValueError(f"alpha: expected a finite float > 0, got {alpha}")
+
+
 def _is_quadratic_layer(tree: Any) -> bool:
   return (
     isinstance(tree, Mapping)
@@ -75,10 +83,7 @@ def init_attention_as_convolution(
     ValueError: if ``alpha`` is not a finite float > 0, no quadratic attention layer is found, or
       a layer's number of heads is not a square ``K^2`` on a 2-D grid.
   """
-  if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-    raise TypeError(f"alpha: expected a finite float > 0, got {alpha!r}")
-  if not (alpha > 0 and math.isfinite(alpha)):
-    raise ValueError(f"alpha: expected a finite float > 0, got {alpha}")
+  _check_alpha(alpha)
   kernel_init = conv_kernel_init() if kernel_init is None else kernel_init
   frozen = isinstance(params, flax.core.FrozenDict)
   tree = flax.core.unfreeze(params) if frozen else params
@@ -155,10 +160,7 @@ def attention_cnn_from_cnn(
   Returns:
     The AttentionCNN variables (plain dicts).
   """
-  if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-    raise TypeError(f"alpha: expected a finite float > 0, got {alpha!r}")
-  if not (alpha > 0 and math.isfinite(alpha)):
-    raise ValueError(f"alpha: expected a finite float > 0, got {alpha}")
+  _check_alpha(alpha)
   if encoding not in ("quadratic", "quadratic_content"):
     raise ValueError(f"encoding: expected 'quadratic' or 'quadratic_content', got {encoding!r}")
   variables = flax.core.unfreeze(variables)
