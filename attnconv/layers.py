@@ -32,6 +32,7 @@ import numpy as np
 
 from attnconv import attention as attn
 from attnconv import encodings as enc
+from attnconv import matmul as mm
 
 Array = jax.Array
 Dtype = Any
@@ -550,7 +551,11 @@ class MultiHeadRelativeAttention(nn.Module):
         heads = attn.aggregate(probs, values, precision=self.precision)
 
     if y is None:
-      y = jnp.einsum("bqhc,hcd->bqd", heads, kernel, precision=self.precision)
+      # (B, Nq, H, C) @ (H C, D): one product over heads and channels (attnconv.matmul).
+      hb, hq, hh, hc = heads.shape
+      y = mm.matmul(
+        heads.reshape(hb, hq, hh * hc), kernel.reshape(hh * hc, -1), precision=self.precision
+      )
     if bias is not None:
       y = y + bias.astype(dtype)
     return y.reshape((b, *q_shape, out_features))

@@ -47,3 +47,23 @@ def test_dropout_probs_shared_shape_and_scaling():
   assert set(np.unique(np.asarray(out)).tolist()) <= {0.0, 0.5}
   per_example = attn.dropout_probs(jax.random.key(0), probs, 0.5, 5)
   assert per_example.shape == (5, 2, 3, 4)
+
+
+@pytest.mark.parametrize(
+  "name, shared",
+  [
+    ("paper_quadratic", True),
+    ("paper_generalized", True),
+    ("paper_many_heads", True),
+    ("paper_learned", False),
+    ("paper_learned_content", False),
+    ("fashion_paper_quadratic", True),
+    ("fashion_paper_learned", False),
+  ],
+)
+def test_paper_configs_share_the_mask_as_the_authors(name, shared):
+  """The authors' Gaussian attention shares one dropout mask by the batch; learned does not."""
+  import importlib
+
+  config = importlib.import_module(f"experiments.configs.{name}").get_config()
+  assert config.model.shared_dropout_mask is shared

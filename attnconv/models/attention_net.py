@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attnconv import matmul as mm
 from attnconv.layers import MultiHeadRelativeAttention
 
 Array = jax.Array
@@ -89,7 +90,14 @@ class AttentionBlock(nn.Module):
       kw = {}
       if torch:
         kw = {"kernel_init": torch_kernel_init(), "bias_init": torch_bias_init(fan_in)}
-      return nn.Dense(features, dtype=self.dtype, param_dtype=self.param_dtype, name=name, **kw)
+      return nn.Dense(
+        features,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        dot_general=mm.dot_general,
+        name=name,
+        **kw,
+      )
 
     attn_kw: dict[str, Any] = {}
     if torch:
@@ -140,7 +148,7 @@ class AttentionNet(nn.Module):
     encoding: 'quadratic', 'generalized', 'learned' or 'learned_content'.
     downsample: space-to-depth block size (paper: 2).
     dropout_rate: hidden dropout (paper: 0.1).
-    attention_dropout_rate: dropout on attention probabilities (paper: 0.1), one mask per example.
+    attention_dropout_rate: dropout on attention probabilities (paper: 0.1).
     implementation: attention path: 'auto' (separable for quadratic/learned, dense otherwise;
       training with attention dropout always uses the dense path), 'dense' or 'separable'.
     init_scheme: 'torch' (the authors' PyTorch defaults) or 'flax' (flax defaults).
@@ -148,7 +156,9 @@ class AttentionNet(nn.Module):
       down-sampled grid).
     remat: rematerialise each block in the backward pass (saves memory).
     shared_dropout_mask: one attention-dropout mask per step shared by the batch (position-only
-      encodings; keeps the fused dense path in training) instead of one per example (paper).
+      encodings; keeps the fused dense path in training) instead of one per example. The authors'
+      code shares the mask for its Gaussian (quadratic, generalized) attention and draws one per
+      image for the learned encodings; the paper configs follow it.
     dtype: computation dtype (e.g. bfloat16); parameters stay ``param_dtype``.
   """
 
@@ -184,7 +194,12 @@ class AttentionNet(nn.Module):
     if self.init_scheme == "torch":
       kw = {"kernel_init": torch_kernel_init(), "bias_init": torch_bias_init(x.shape[-1])}
     x = nn.Dense(
-      self.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype, name="embedding", **kw
+      self.hidden_size,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      dot_general=mm.dot_general,
+      name="embedding",
+      **kw,
     )(x)
     block_cls = nn.remat(AttentionBlock, static_argnums=(2,)) if self.remat else AttentionBlock
     for i in range(self.num_layers):
