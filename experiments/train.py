@@ -209,7 +209,45 @@ def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
 
 
-def _make_train_step(model, tx, dataset: data_lib.Dataset) -> Callable:
+def accumulated_value_and_grad(
+  loss_fn: Callable, params: Any, carry: Any, batch: tuple, key: jax.Array, microbatches: int
+) -> tuple[tuple[jax.Array, tuple[jax.Array, Any]], Any]:
+  """``value_and_grad`` of a mean loss over ``microbatches`` equal slices of ``batch``, in sequence.
+
+  ``loss_fn(params, carry, *batch_slice, key) -> (loss, (logits, carry))``. The slices run one
+  after another under ``lax.scan`` (activation memory of one slice), each with its own key
+  (``jax.random.split(key, microbatches)``); ``carry`` (e.g. BatchNorm statistics) is threaded
+  through them. Returns the mean loss, the concatenated logits, the last carry and the mean
+  gradient -- the full-batch gradient for a per-example mean loss, up to float rounding and the
+  per-slice random draws (dropout masks shared by a slice, not by the whole batch).
+  """
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if microbatches == 1:
+    return grad_fn(params, carry, *batch, key)
+  n = batch[0].shape[0]
+  if n % microbatches:
+    raise ValueError(
+      f"microbatches: expected a divisor of the batch size {n}, got {microbatches}"
+    )
+  sliced = tuple(x.reshape(microbatches, n // microbatches, *x.shape[1:]) for x in batch)
+
+  def body(acc, xs):
+    grads, carry, loss = acc
+    *parts, k = xs
+    (part_loss, (logits, carry)), g = grad_fn(params, carry, *parts, k)
+    return (jax.tree.map(jnp.add, grads, g), carry, loss + part_loss), logits
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  init = (zeros, carry, jnp.zeros((), jnp.float32))
+  (grads, carry, loss), logits = jax.lax.scan(
+    body, init, (*sliced, jax.random.split(key, microbatches))
+  )
+  grads = jax.tree.map(lambda g: g / microbatches, grads)
+  logits = logits.reshape(n, *logits.shape[2:])
+  return (loss / microbatches, (logits, carry)), grads
+
+
+def _make_train_step(model, tx, dataset: data_lib.Dataset, microbatches: int = 1) -> Callable:
   crop_padding, flip = dataset.crop_padding, dataset.flip
   mean, std = dataset.mean, dataset.std
 
@@ -219,17 +257,19 @@ def _make_train_step(model, tx, dataset: data_lib.Dataset) -> Callable:
     images = data_lib.augment(aug_key, images, crop_padding=crop_padding, flip=flip)
     images = data_lib.normalize(images, mean, std)
 
-    def loss_fn(params):
+    def loss_fn(params, batch_stats, images, labels, key):
       variables = {"params": params}
-      if state.batch_stats:
-        variables["batch_stats"] = state.batch_stats
+      if batch_stats:
+        variables["batch_stats"] = batch_stats
       logits, updates = model.apply(
-        variables, images, train=True, rngs={"dropout": dropout_key}, mutable=["batch_stats"]
+        variables, images, train=True, rngs={"dropout": key}, mutable=["batch_stats"]
       )
       loss = jnp.mean(_cross_entropy(logits, labels))
       return loss, (logits, updates.get("batch_stats", {}))
 
-    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, (logits, batch_stats)), grads = accumulated_value_and_grad(
+      loss_fn, state.params, state.batch_stats, (images, labels), dropout_key, microbatches
+    )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     correct = jnp.sum(jnp.argmax(logits, -1) == labels).astype(jnp.float32)
@@ -375,6 +415,12 @@ def train_and_evaluate(
     raise ValueError(
       f"config.batch_size: expected a multiple of the device count {num_devices}, got {batch_size}"
     )
+  microbatches = int(config.get("microbatches", 1))
+  if microbatches < 1 or batch_size % microbatches:
+    raise ValueError(
+      f"config.microbatches: expected a positive divisor of config.batch_size={batch_size}, got "
+      f"{microbatches}"
+    )
   eval_batch_size = int(config.get("eval_batch_size", -1))
   eval_batch_size = batch_size if eval_batch_size <= 0 else eval_batch_size
   if eval_batch_size % num_devices:
@@ -496,7 +542,7 @@ def train_and_evaluate(
 
   # --- Jitted steps. --------------------------------------------------------------------------
   train_step = jax.jit(
-    _make_train_step(model, tx, dataset),
+    _make_train_step(model, tx, dataset, microbatches),
     in_shardings=(replicated, data_sharding, data_sharding),
     out_shardings=(replicated, replicated),
     donate_argnums=0,

@@ -268,3 +268,44 @@ def test_attention_net_smoke(tmp_path):
   _, state = _restore_latest(tmp_path)
   found = train_lib.find_params(state["params"], "spreads")
   assert found and all(np.isfinite(v).all() for v in found.values())
+
+
+@pytest.mark.parametrize("microbatches", [2, 4])
+def test_accumulated_gradient_equals_full_batch_gradient(microbatches):
+  """Without random draws the mean of slice gradients is the full-batch gradient (float32
+  rounding of a different summation order: tolerance a few eps of the gradient scale)."""
+  k0, k1, k2 = jax.random.split(jax.random.key(0), 3)
+  params = {"w": jax.random.normal(k0, (5, 3)), "b": jnp.zeros((3,))}
+  x = jax.random.normal(k1, (8, 5))
+  y = jax.random.randint(k2, (8,), 0, 3)
+
+  def loss_fn(p, carry, x, y, key):
+    del key
+    logits = x @ p["w"] + p["b"]
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), (logits, carry)
+
+  (loss, (logits, carry)), grads = train_lib.accumulated_value_and_grad(
+    loss_fn, params, {"count": jnp.zeros(())}, (x, y), jax.random.key(3), microbatches
+  )
+  (want_loss, (want_logits, _)), want = jax.value_and_grad(loss_fn, has_aux=True)(
+    params, None, x, y, None
+  )
+  tol = 8 * float(jnp.finfo(jnp.float32).eps)
+  np.testing.assert_allclose(loss, want_loss, rtol=tol)
+  # the same row-wise products; the matmul kernel may differ with the row count (k = 5 terms)
+  bound = 6 * float(jnp.finfo(jnp.float32).eps) * (jnp.abs(x) @ jnp.abs(params["w"]))
+  assert np.all(np.abs(logits - want_logits) <= bound)
+  for name in params:
+    scale = float(jnp.max(jnp.abs(want[name]))) + 1e-30
+    np.testing.assert_allclose(grads[name], want[name], rtol=0, atol=tol * scale)
+  assert set(carry) == {"count"}
+
+
+def test_microbatches_must_divide_the_batch(tmp_path, dataset):
+  with pytest.raises(ValueError, match="config.microbatches: expected a positive divisor"):
+    train_lib.train_and_evaluate(_config(microbatches=3), tmp_path, dataset=dataset)
+
+
+def test_training_with_microbatches_runs(tmp_path, dataset):
+  summary = train_lib.train_and_evaluate(_config(microbatches=2), tmp_path, dataset=dataset)
+  assert summary["steps"] == 12 and np.isfinite(summary["final_test_accuracy"])

@@ -62,7 +62,7 @@ _CHILD = r"""
 import json, sys, time, statistics
 import jax, jax.numpy as jnp, optax
 from attnconv.models import build_model, count_params
-name, kwargs, batch, dtype, remat, steps = json.loads(sys.argv[1])
+name, kwargs, batch, dtype, remat, steps, micro = json.loads(sys.argv[1])
 kwargs = dict(kwargs)
 if dtype == "bfloat16":
   kwargs["dtype"] = jnp.bfloat16
@@ -83,9 +83,21 @@ def loss_fn(p, st, x, y, rng):
   logits, new_st = out if mutable else (out, {})
   return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), new_st
 
+def grads_of(p, st, x, y, rng):
+  if micro == 1:
+    return jax.value_and_grad(loss_fn, has_aux=True)(p, st, x, y, rng)
+  # gradient accumulation over `micro` slices in sequence (as experiments.train)
+  xs = (x.reshape(micro, -1, *x.shape[1:]), y.reshape(micro, -1), jax.random.split(rng, micro))
+  def body(acc, xs):
+    g_acc, st, l_acc = acc
+    (l, st), g = jax.value_and_grad(loss_fn, has_aux=True)(p, st, *xs)
+    return (jax.tree.map(jnp.add, g_acc, g), st, l_acc + l), None
+  (g, st, l), _ = jax.lax.scan(body, (jax.tree.map(jnp.zeros_like, p), st, 0.0), xs)
+  return (l / micro, st), jax.tree.map(lambda v: v / micro, g)
+
 @jax.jit
 def step(p, o, st, x, y, rng):
-  (l, st), g = jax.value_and_grad(loss_fn, has_aux=True)(p, st, x, y, rng)
+  (l, st), g = grads_of(p, st, x, y, rng)
   u, o = tx.update(g, o, p)
   return optax.apply_updates(p, u), o, st, l
 
@@ -179,6 +191,12 @@ def main(argv=None) -> None:
   p.add_argument("--batches", default="8,32,100")
   p.add_argument("--dtypes", default="float32", help="comma-separated: float32,bfloat16")
   p.add_argument("--remat", action="store_true", help="rematerialise every block (AttentionNet)")
+  p.add_argument(
+    "--microbatches",
+    type=int,
+    default=1,
+    help="gradient accumulation slices (used for batches it divides)",
+  )
   p.add_argument("--steps", type=int, default=5)
   p.add_argument("--timeout", type=float, default=1800)
   p.add_argument("--out", default="experiments/results/bench_train_cpu.json")
@@ -188,7 +206,8 @@ def main(argv=None) -> None:
     model, kwargs = MODELS[name]
     for dtype in args.dtypes.split(","):
       for batch in [int(b) for b in args.batches.split(",")]:
-        payload = json.dumps([model, kwargs, batch, dtype, args.remat, args.steps])
+        micro = args.microbatches if batch % args.microbatches == 0 else 1
+        payload = json.dumps([model, kwargs, batch, dtype, args.remat, args.steps, micro])
         wrapper = _CHILD + (
           "\nimport resource\n"
           "print('PEAK_KB=%d' % resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
@@ -204,7 +223,13 @@ def main(argv=None) -> None:
           out = proc.stdout
         except subprocess.TimeoutExpired:
           out, proc = "", None
-        row = {"model": name, "batch": batch, "dtype": dtype, "remat": args.remat}
+        row = {
+          "model": name,
+          "batch": batch,
+          "dtype": dtype,
+          "remat": args.remat,
+          "microbatches": micro,
+        }
         for line in out.splitlines():
           if line.startswith("RESULT="):
             row.update(json.loads(line[len("RESULT=") :]))
@@ -230,6 +255,7 @@ def main(argv=None) -> None:
         "model",
         "batch",
         "dtype",
+        "microbatches",
         "images_per_second",
         "x_reference",
         "host_peak_gib",

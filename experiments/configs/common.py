@@ -28,6 +28,7 @@ Fields:
     :func:`attnconv.models.conv_init.init_attention_as_convolution`), then train it freely.
   seed: seed of the parameter init, the batch order, augmentation and dropout.
   dtype: ``"float32"`` or ``"bfloat16"`` computation (parameters stay float32).
+  microbatches: gradient accumulation over this many equal slices of each batch (memory).
   eval_every_steps: evaluate val and test every this many steps (-1: once per epoch) and at the
     end.
   checkpoint_every_steps: save a checkpoint every this many steps (-1: once per epoch) and at the
@@ -62,6 +63,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.name = "resnet18"
 
   config.batch_size = 100
+  # Gradient accumulation: the batch runs as this many equal slices in sequence (activation
+  # memory of one slice; dropout masks are drawn per slice). 1 = the whole batch at once.
+  config.microbatches = 1
   config.eval_batch_size = -1
   config.num_epochs = 300
   config.num_train_steps = -1
