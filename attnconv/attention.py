@@ -33,6 +33,9 @@ Array = jax.Array
 
 PADDING_MODES = ("zeros", "circular", "reflect")
 
+# Largest (B, Nq, H, C) im2col buffer that gather_project concatenates (see there).
+IM2COL_MAX_ELEMENTS = 1 << 22
+
 
 def softmax(logits: Array, axis: int = -1) -> Array:
   """Softmax over keys, computed in at least float32 and returned in the logits' dtype."""
@@ -290,16 +293,26 @@ def gather_project(
 ) -> Array:
   """``sum_h view_h W^(h)``: :func:`gather_hard` followed by the per-head projection.
 
-  The views are concatenated along channels (an im2col of the taps) and projected by one
-  ``(B Nq, H C) @ (H C, D)`` product -- the way a convolution is computed.
+  Two schedules of the same sum: up to ``IM2COL_MAX_ELEMENTS`` entries of ``(B, Nq, H, C)`` the
+  views are concatenated along channels (an im2col of the taps) and projected by one
+  ``(B Nq, H C) @ (H C, D)`` product -- bitwise the dense path's projection; above it, where that
+  buffer no longer fits in cache, one ``(B Nq, C) @ (C, D)`` product per head is accumulated in
+  float32 (``bench_conv.json``: the faster choice on each side of the threshold on a 2-core CPU).
 
   Returns:
     ``(B, Nq, D)``.
   """
   views = _gather_views(keys, key_positions, query_positions, centers)
   h, c, d = kernel.shape
-  y = mm.matmul(jnp.concatenate(views, axis=-1), kernel.reshape(h * c, d), precision=precision)
-  return y.astype(keys.dtype)
+  if views[0].size * h <= IM2COL_MAX_ELEMENTS:
+    y = mm.matmul(jnp.concatenate(views, axis=-1), kernel.reshape(h * c, d), precision=precision)
+    return y.astype(keys.dtype)
+  acc = None
+  for view, w in zip(views, _heads(kernel)):
+    acc_dtype = jnp.promote_types(view.dtype, jnp.float32)
+    y = mm.matmul(view, w, precision=precision, out_dtype=acc_dtype)
+    acc = y if acc is None else acc + y
+  return acc.astype(keys.dtype)
 
 
 # ----------------------------------------------------------------------------------------------

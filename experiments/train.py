@@ -226,9 +226,7 @@ def accumulated_value_and_grad(
     return grad_fn(params, carry, *batch, key)
   n = batch[0].shape[0]
   if n % microbatches:
-    raise ValueError(
-      f"microbatches: expected a divisor of the batch size {n}, got {microbatches}"
-    )
+    raise ValueError(f"microbatches: expected a divisor of the batch size {n}, got {microbatches}")
   sliced = tuple(x.reshape(microbatches, n // microbatches, *x.shape[1:]) for x in batch)
 
   def body(acc, xs):

@@ -365,6 +365,26 @@ def test_gather_equals_dense_hard_exactly(inputs, stride, data):
   np.testing.assert_array_equal(yg, y)
 
 
+def test_gather_per_tap_schedule_equals_im2col(monkeypatch):
+  """Above ``IM2COL_MAX_ELEMENTS`` the gather path accumulates one product per tap: the same sum
+  in another order (float32: within ``H eps sum |view| |W|``)."""
+  from attnconv import attention as attn_lib
+
+  x = jax.random.normal(jax.random.key(0), (2, 6, 5, 3))
+  layer = MultiHeadRelativeAttention(
+    9, implementation="gather", hard=True, padding="SAME", query_window=3
+  )
+  variables = jax.jit(layer.init)(jax.random.key(1), x)
+  centers = np.array([[i, j] for i in (-1, 0, 1) for j in (-1, 0, 1)], np.float32)
+  variables = {"params": dict(variables["params"], centers=centers)}
+  im2col = layer.apply(variables, x)
+  monkeypatch.setattr(attn_lib, "IM2COL_MAX_ELEMENTS", 0)
+  per_tap = layer.apply(variables, x)
+  kernel = np.abs(np.asarray(variables["params"]["out"]["kernel"]))
+  scale = np.max(np.abs(np.asarray(x))) * kernel.sum(axis=(0, 1)).max()
+  np.testing.assert_allclose(per_tap, im2col, rtol=0, atol=9 * np.finfo(np.float32).eps * scale)
+
+
 # ----------------------------------------------------------------------------------------------
 # gradients, dtypes, dropout, sow
 # ----------------------------------------------------------------------------------------------

@@ -104,7 +104,8 @@ def step(p, o, st, x, y, rng):
 compiled = step.lower(params, opt, state, x, y, jax.random.key(3)).compile()
 step_cost = compiled.cost_analysis()
 step_cost = step_cost[0] if isinstance(step_cost, (list, tuple)) else step_cost
-step_flops = float(step_cost.get("flops", 0.0)) if step_cost else 0.0
+# XLA counts a loop body once: scale by the number of accumulated slices
+step_flops = micro * float(step_cost.get("flops", 0.0)) if step_cost else 0.0
 mem = compiled.memory_analysis()
 xla_bytes = None
 if mem is not None:

@@ -1,0 +1,125 @@
+"""The benchmark scripts run end to end on tiny sizes and compute their derived columns right."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from experiments.benchmarks import (
+  conv_emulation,
+  matmul_rates,
+  positional_scaling,
+  report,
+  train_throughput,
+)
+
+
+def test_analytic_macs_pinned():
+  """Paper sizes: the authors' dense count and ours (separable aggregation for quadratic)."""
+  quad = train_throughput.analytic_macs("quadratic")
+  assert quad == {"authors_macs_per_image": 4_503_556_000, "ours_macs_per_image": 3_264_925_600}
+  gen = train_throughput.analytic_macs("generalized")
+  assert gen["ours_macs_per_image"] == gen["authors_macs_per_image"] == 4_503_556_000
+
+
+def test_annotate_reference_ratios_and_gpu_projection():
+  row = {"batch": 32, "images_per_second": 11.4, "platform": "cpu", "host_peak_gib": 1.95}
+  train_throughput._annotate(row, "paper_quadratic")
+  assert row["x_reference"] == pytest.approx(2.0)
+  assert row["memory_over_reference"] == pytest.approx(0.5)
+  gpu = {
+    "batch": 100,
+    "images_per_second": 7500.0,
+    "platform": "gpu",
+    "device": "NVIDIA H100 80GB HBM3",
+    "achieved_tflops": 494.5,
+  }
+  train_throughput._annotate(gpu, "paper_quadratic")
+  assert gpu["mfu"] == pytest.approx(0.5)
+  assert gpu["projected_300_epoch_minutes"] == pytest.approx(300 * 45_000 / 7500 / 60)
+  assert "x_reference" not in gpu
+
+
+def test_report_table():
+  rows = [
+    {
+      "model": "paper_quadratic",
+      "batch": 100,
+      "dtype": "bfloat16",
+      "microbatches": 4,
+      "images_per_second": 8.0,
+      "x_reference": 2.22,
+      "host_peak_gib": 2.0,
+      "xla_step_buffers_gib": 1.5,
+      "memory_over_reference": 0.28,
+      "xla_step_flops": 2.74e12,
+      "achieved_tflops": 0.219,
+    },
+    {"model": "paper_learned", "batch": 8, "dtype": "float32"},
+  ]
+  table = report.rows_table(rows).splitlines()
+  assert table[2] == (
+    "| paper_quadratic | 100 | bfloat16 | 4 × 25 | 8.00 | 2.22× | 2.00 (1.50) | 0.28 | 27.4 | 219 |"
+  )
+  assert "failed" in table[3]
+
+
+def test_positional_scaling_tiny(tmp_path):
+  out = tmp_path / "pos.json"
+  positional_scaling.main(
+    [
+      "--sizes",
+      "4,6",
+      "--batch",
+      "1",
+      "--channels",
+      "4",
+      "--heads",
+      "2",
+      "--repeats",
+      "1",
+      "--out",
+      str(out),
+    ]
+  )
+  rows = json.loads(out.read_text())["rows"]
+  assert {r["path"] for r in rows} == {
+    "dense",
+    "separable",
+    "dense_projected",
+    "separable_projected",
+  }
+  assert all(r["speedup_vs_dense"] > 0 for r in rows)
+  assert all("growth_exponent" in r for r in rows if r["tokens"] == 36)
+
+
+def test_conv_emulation_tiny(tmp_path):
+  out = tmp_path / "conv.json"
+  conv_emulation.main(
+    [
+      "--kernels",
+      "3",
+      "--sizes",
+      "4",
+      "--batch",
+      "1",
+      "--channels",
+      "2",
+      "--repeats",
+      "1",
+      "--out",
+      str(out),
+    ]
+  )
+  (row,) = json.loads(out.read_text())["rows"]
+  assert row["gather_time_ratio"] > 0 and row["dense_time_ratio"] > 0
+
+
+def test_matmul_rates_tiny(tmp_path):
+  out = tmp_path / "mm.json"
+  matmul_rates.main(
+    ["--rows", "8", "--inner", "16", "--cols", "8", "--repeats", "1", "--out", str(out)]
+  )
+  rows = json.loads(out.read_text())["rows"]
+  assert len(rows) == 8 and all(r["gflops"] > 0 for r in rows)
