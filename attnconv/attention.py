@@ -303,13 +303,11 @@ def gather_project(
     ``(B, Nq, D)``.
   """
   views = _gather_views(keys, key_positions, query_positions, centers)
-  h, c, d = kernel.shape
-  if views[0].size * h <= IM2COL_MAX_ELEMENTS:
-    y = mm.matmul(jnp.concatenate(views, axis=-1), kernel.reshape(h * c, d), precision=precision)
-    return y.astype(keys.dtype)
+  if views[0].size * kernel.shape[0] <= IM2COL_MAX_ELEMENTS:
+    return _concat_project(views, kernel, precision).astype(keys.dtype)
   acc = None
+  acc_dtype = jnp.promote_types(keys.dtype, jnp.float32)
   for view, w in zip(views, _heads(kernel)):
-    acc_dtype = jnp.promote_types(view.dtype, jnp.float32)
     y = mm.matmul(view, w, precision=precision, out_dtype=acc_dtype)
     acc = y if acc is None else acc + y
   return acc.astype(keys.dtype)
@@ -326,15 +324,20 @@ def _heads(x: Array) -> list[Array]:
   return [piece[0] for piece in jnp.split(x, x.shape[0], axis=0)]
 
 
-def _project_heads(heads: list[Array], kernel: Array, nq: int, b: int, precision) -> Array:
-  """``sum_h heads[h] @ kernel[h]`` as one ``(Nq B, H C) @ (H C, D)`` product -> ``(B, Nq, D)``.
+def _concat_project(heads: list[Array], kernel: Array, precision) -> Array:
+  """``sum_h heads[h] @ kernel[h]`` as one ``(..., H C) @ (H C, D)`` product -> ``(..., D)``.
 
-  One large product keeps the CPU's matrix units busy (nine ``(Nq B, C) @ (C, D)`` products ran
-  at half the rate); it costs one ``(Nq B, H C)`` buffer.
+  One large product keeps the CPU's matrix units busy (nine ``(..., C) @ (C, D)`` products ran
+  at half the rate); it costs one ``(..., H C)`` buffer.
   """
   h, c, d = kernel.shape
-  y = mm.matmul(jnp.concatenate(heads, axis=-1), kernel.reshape(h * c, d), precision=precision)
-  return y.reshape(nq, b, d).transpose(1, 0, 2)
+  return mm.matmul(jnp.concatenate(heads, axis=-1), kernel.reshape(h * c, d), precision=precision)
+
+
+def _project_heads(heads: list[Array], kernel: Array, nq: int, b: int, precision) -> Array:
+  """:func:`_concat_project` of per-head ``(Nq B, C)`` rows, returned as ``(B, Nq, D)``."""
+  y = _concat_project(heads, kernel, precision)
+  return y.reshape(nq, b, -1).transpose(1, 0, 2)
 
 
 def aggregate_project(probs: Array, values: Array, kernel: Array, *, precision=None) -> Array:

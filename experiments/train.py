@@ -41,6 +41,7 @@ from jax.sharding import PartitionSpec as P
 from attnconv import data as data_lib
 from attnconv.models import build_model, count_params
 from attnconv.models.conv_init import init_attention_as_convolution
+from experiments.accumulation import accumulated_value_and_grad
 
 __all__ = [
   "TrainState",
@@ -207,42 +208,6 @@ def _build_model(config: ml_collections.ConfigDict, num_classes: int):
 
 def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
-
-
-def accumulated_value_and_grad(
-  loss_fn: Callable, params: Any, carry: Any, batch: tuple, key: jax.Array, microbatches: int
-) -> tuple[tuple[jax.Array, tuple[jax.Array, Any]], Any]:
-  """``value_and_grad`` of a mean loss over ``microbatches`` equal slices of ``batch``, in sequence.
-
-  ``loss_fn(params, carry, *batch_slice, key) -> (loss, (logits, carry))``. The slices run one
-  after another under ``lax.scan`` (activation memory of one slice), each with its own key
-  (``jax.random.split(key, microbatches)``); ``carry`` (e.g. BatchNorm statistics) is threaded
-  through them. Returns the mean loss, the concatenated logits, the last carry and the mean
-  gradient -- the full-batch gradient for a per-example mean loss, up to float rounding and the
-  per-slice random draws (dropout masks shared by a slice, not by the whole batch).
-  """
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  if microbatches == 1:
-    return grad_fn(params, carry, *batch, key)
-  n = batch[0].shape[0]
-  if n % microbatches:
-    raise ValueError(f"microbatches: expected a divisor of the batch size {n}, got {microbatches}")
-  sliced = tuple(x.reshape(microbatches, n // microbatches, *x.shape[1:]) for x in batch)
-
-  def body(acc, xs):
-    grads, carry, loss = acc
-    *parts, k = xs
-    (part_loss, (logits, carry)), g = grad_fn(params, carry, *parts, k)
-    return (jax.tree.map(jnp.add, grads, g), carry, loss + part_loss), logits
-
-  zeros = jax.tree.map(jnp.zeros_like, params)
-  init = (zeros, carry, jnp.zeros((), jnp.float32))
-  (grads, carry, loss), logits = jax.lax.scan(
-    body, init, (*sliced, jax.random.split(key, microbatches))
-  )
-  grads = jax.tree.map(lambda g: g / microbatches, grads)
-  logits = logits.reshape(n, *logits.shape[2:])
-  return (loss / microbatches, (logits, carry)), grads
 
 
 def _make_train_step(model, tx, dataset: data_lib.Dataset, microbatches: int = 1) -> Callable:

@@ -62,6 +62,7 @@ _CHILD = r"""
 import json, sys, time, statistics
 import jax, jax.numpy as jnp, optax
 from attnconv.models import build_model, count_params
+from experiments.accumulation import accumulated_value_and_grad  # jax only (as experiments.train)
 name, kwargs, batch, dtype, remat, steps, micro = json.loads(sys.argv[1])
 kwargs = dict(kwargs)
 if dtype == "bfloat16":
@@ -81,19 +82,11 @@ mutable = list(state.keys())
 def loss_fn(p, st, x, y, rng):
   out = model.apply({"params": p, **st}, x, True, rngs={"dropout": rng}, mutable=mutable or False)
   logits, new_st = out if mutable else (out, {})
-  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), new_st
+  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), (logits, new_st)
 
 def grads_of(p, st, x, y, rng):
-  if micro == 1:
-    return jax.value_and_grad(loss_fn, has_aux=True)(p, st, x, y, rng)
-  # gradient accumulation over `micro` slices in sequence (as experiments.train)
-  xs = (x.reshape(micro, -1, *x.shape[1:]), y.reshape(micro, -1), jax.random.split(rng, micro))
-  def body(acc, xs):
-    g_acc, st, l_acc = acc
-    (l, st), g = jax.value_and_grad(loss_fn, has_aux=True)(p, st, *xs)
-    return (jax.tree.map(jnp.add, g_acc, g), st, l_acc + l), None
-  (g, st, l), _ = jax.lax.scan(body, (jax.tree.map(jnp.zeros_like, p), st, 0.0), xs)
-  return (l / micro, st), jax.tree.map(lambda v: v / micro, g)
+  (l, (_, st)), g = accumulated_value_and_grad(loss_fn, p, st, (x, y), rng, micro)
+  return (l, st), g
 
 @jax.jit
 def step(p, o, st, x, y, rng):
