@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attnconv import matmul as mm
+
 Array = jax.Array
 Positions = Sequence[Array]
 
@@ -346,12 +348,16 @@ def learned_logits(
 # ----------------------------------------------------------------------------------------------
 
 
-def content_logits(query: Array, key: Array) -> Array:
+def content_logits(query: Array, key: Array, *, out_dtype=None) -> Array:
   """Scaled dot-product scores ``q . k / sqrt(D_k)``.
+
+  Computed as one row-major batched product per image and head (:func:`attnconv.matmul.bmm`:
+  bfloat16 operands accumulate in float32 on the CPU).
 
   Args:
     query: ``(B, Nq, H, D_k)``.
     key: ``(B, Nk, H, D_k)``.
+    out_dtype: dtype of the scores; default the query's.
 
   Returns:
     ``(B, H, Nq, Nk)``.
@@ -364,8 +370,11 @@ def content_logits(query: Array, key: Array) -> Array:
     raise ValueError(
       f"key: expected batch, heads and dim matching query {query.shape}, got {key.shape}"
     )
+  out_dtype = jnp.dtype(out_dtype or query.dtype)
   scale = 1.0 / np.sqrt(query.shape[-1])
-  return jnp.einsum("bqhd,bkhd->bhqk", query, key) * jnp.asarray(scale, query.dtype)
+  q = mm.row_major(query, (0, 2, 1, 3))  # (B, H, Nq, D_k)
+  k = mm.row_major(key, (0, 2, 1, 3))  # (B, H, Nk, D_k)
+  return mm.bmm(q, k, transpose_b=True, out_dtype=out_dtype) * jnp.asarray(scale, out_dtype)
 
 
 def query_relative_logits(

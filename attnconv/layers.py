@@ -436,6 +436,7 @@ class MultiHeadRelativeAttention(nn.Module):
         kernel_init=self.kernel_init,
         bias_init=self.bias_init,
         precision=self.precision,
+        dot_general=mm.dot_general,
         name="value",
       )(keys_flat)
 
@@ -497,6 +498,7 @@ class MultiHeadRelativeAttention(nn.Module):
         kernel_init=self.kernel_init,
         bias_init=self.bias_init,
         precision=self.precision,
+        dot_general=mm.dot_general,
         name=name,
       )
       if self.encoding == "quadratic_content":
@@ -539,7 +541,7 @@ class MultiHeadRelativeAttention(nn.Module):
           )
         heads = jax.nn.dot_product_attention(q, k, v.astype(q.dtype), bias=extra)
       else:
-        logits = enc.content_logits(q, k).astype(jnp.float32)
+        logits = enc.content_logits(q, k, out_dtype=jnp.float32)
         if extra is not None:
           logits = logits + extra
         probs = attn.softmax(logits)

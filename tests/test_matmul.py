@@ -141,3 +141,123 @@ def test_non_matrix_products_fall_back_to_dot_general():
   b = jax.random.normal(jax.random.key(1), (3, 5, 2)).astype(BF16)
   dims = (((2,), (1,)), ((0,), (0,)))
   np.testing.assert_array_equal(mm.dot_general(a, b, dims), jax.lax.dot_general(a, b, dims))
+
+
+# ----------------------------------------------------------------------------------------------
+# Batched products (attention's per-image products) and DenseGeneral kernels
+# ----------------------------------------------------------------------------------------------
+
+batched_shapes = st.tuples(
+  st.lists(st.integers(1, 4), min_size=1, max_size=2),  # batch axes G...
+  st.integers(1, 24),  # m
+  st.integers(1, 24),  # k
+  st.integers(1, 24),  # n
+  st.booleans(),  # transpose_b
+)
+
+
+def _batched(lead, m, k, n, transpose_b, seed, dtype):
+  ka, kb, kg = jax.random.split(jax.random.key(seed), 3)
+  a = jax.random.normal(ka, (*lead, m, k)).astype(dtype)
+  b_shape = (*lead, n, k) if transpose_b else (*lead, k, n)
+  b = jax.random.normal(kb, b_shape).astype(dtype)
+  g = jax.random.normal(kg, (*lead, m, n)).astype(dtype)
+  return a, b, g
+
+
+@given(shape=batched_shapes, seed=st.integers(0, 2**16))
+def test_bmm_float32_is_plain_matmul_bitwise(shape, seed):
+  """Float32 ``bmm`` is ``jnp.matmul`` (with ``swapaxes`` for ``transpose_b``): bitwise."""
+  *dims, transpose_b = shape
+  a, b, g = _batched(*dims, transpose_b, seed, jnp.float32)
+  f = lambda a, b: mm.bmm(a, b, transpose_b=transpose_b)  # noqa: E731
+  ref = lambda a, b: jnp.matmul(a, jnp.swapaxes(b, -1, -2) if transpose_b else b)  # noqa: E731
+  got, want = jax.jit(lambda a, b, g: (_vjp(f, a, b, g), _vjp(ref, a, b, g)))(a, b, g)
+  for x, y in zip(got, want):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@given(shape=batched_shapes, seed=st.integers(0, 2**16))
+def test_bmm_bfloat16_close_to_exact_products(shape, seed):
+  """bfloat16 ``bmm``: value and both gradients against float64 products of the same bfloat16
+  inputs, within one rounding of the result plus float32 accumulation (as for matmul)."""
+  *dims, transpose_b = shape
+  lead, m, k, n = dims
+  a, b, g = _batched(*dims, transpose_b, seed, BF16)
+  f = lambda a, b: mm.bmm(a, b, transpose_b=transpose_b)  # noqa: E731
+  y, da, db = jax.jit(lambda a, b, g: _vjp(f, a, b, g))(a, b, g)
+  chex.assert_trees_all_equal_dtypes((y, da, db), (a, a, b))
+  a64, b64, g64 = (np.asarray(v, np.float64) for v in (a, b, g))
+  bn = np.swapaxes(b64, -1, -2) if transpose_b else b64  # (..., k, n)
+  t = lambda x: np.swapaxes(x, -1, -2)  # noqa: E731
+  db_exact = t(a64) @ g64  # (..., k, n)
+  db_mag = t(np.abs(a64)) @ np.abs(g64)
+  if transpose_b:
+    db_exact, db_mag = t(db_exact), t(db_mag)
+  cases = (
+    (y, a64 @ bn, np.abs(a64) @ np.abs(bn), k),
+    (da, g64 @ t(bn), np.abs(g64) @ np.abs(t(bn)), n),
+    (db, db_exact, db_mag, m),
+  )
+  for got, exact, mag, terms in cases:
+    got = np.asarray(got, np.float64)
+    bound = 0.5 * EPS_BF16 * np.abs(exact) + (terms + 1) * EPS_F32 * mag
+    assert np.all(np.abs(got - exact) <= bound * (1 + 1e-6) + 1e-30)
+
+
+def test_bmm_out_dtype_and_errors():
+  a, b, _ = _batched([2], 3, 5, 4, False, 0, BF16)
+  chex.assert_type(mm.bmm(a, b, out_dtype=jnp.float32), jnp.float32)
+  np.testing.assert_array_equal(
+    mm.bmm(a, b, out_dtype=jnp.float32),
+    jnp.matmul(a, b, preferred_element_type=jnp.float32),
+  )
+  with pytest.raises(ValueError, match="b: expected the batch axes"):
+    mm.bmm(a[0], b[0])
+  with pytest.raises(ValueError, match="b: expected the batch axes"):
+    mm.bmm(a, jnp.concatenate([b, b]))
+  with pytest.raises(ValueError, match="b: expected 5 entries on axis 1"):
+    mm.bmm(a, b[:, :4])
+  with pytest.raises(ValueError, match="b: expected 5 entries on axis 2"):
+    mm.bmm(a, b, transpose_b=True)
+
+
+@pytest.mark.parametrize("k_first", [3, 12])
+def test_left_transpose_product_both_schedules(k_first):
+  """``a^T g`` by transposing ``a`` (K <= N) or ``g`` (K > N): equal to the float64 product."""
+  a = jax.random.normal(jax.random.key(0), (2, 7, k_first)).astype(BF16)
+  g = jax.random.normal(jax.random.key(1), (2, 7, 6)).astype(BF16)
+  got = jax.jit(mm._left_transpose_product)(a, g)
+  chex.assert_shape(got, (2, k_first, 6))
+  want = np.swapaxes(np.asarray(a, np.float64), -1, -2) @ np.asarray(g, np.float64)
+  mag = np.swapaxes(np.abs(np.asarray(a, np.float64)), -1, -2) @ np.abs(np.asarray(g, np.float64))
+  assert np.all(np.abs(np.asarray(got, np.float64) - want) <= 8 * EPS_F32 * mag + 1e-30)
+
+
+def test_physical_swap_and_row_major():
+  x = jnp.arange(2 * 5 * 7, dtype=BF16).reshape(2, 5, 7)
+  np.testing.assert_array_equal(jax.jit(mm.physical_swap)(x), jnp.swapaxes(x, 1, 2))
+  for dtype in (BF16, jnp.float32):
+    y = jax.jit(lambda x: mm.row_major(x, (1, 0, 2)))(x.astype(dtype))
+    np.testing.assert_array_equal(y, jnp.transpose(x.astype(dtype), (1, 0, 2)))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, BF16])
+def test_dense_general_with_dot_general(dtype):
+  """``nn.DenseGeneral((H, D_h), dot_general=mm.dot_general)``: the kernel ``(D_in, H, D_h)``
+  used as a matrix; bitwise the default in float32, one rounding of the float32-accumulated
+  product in bfloat16."""
+  x = jax.random.normal(jax.random.key(0), (2, 5, 12))
+  plain = nn.DenseGeneral((3, 4), dtype=dtype)
+  fast = nn.DenseGeneral((3, 4), dtype=dtype, dot_general=mm.dot_general)
+  variables = plain.init(jax.random.key(1), x)
+  y_fast = fast.apply(variables, x)
+  y_plain = plain.apply(variables, x)
+  chex.assert_shape(y_fast, (2, 5, 3, 4))
+  if dtype == jnp.float32:
+    np.testing.assert_array_equal(y_fast, y_plain)
+  else:
+    kernel = variables["params"]["kernel"].astype(BF16).reshape(12, 12)
+    bias = variables["params"]["bias"].astype(BF16)
+    want = jnp.dot(x.astype(BF16), kernel, preferred_element_type=jnp.float32).astype(BF16)
+    np.testing.assert_array_equal(y_fast, want.reshape(2, 5, 3, 4) + bias)
