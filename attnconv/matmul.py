@@ -71,9 +71,7 @@ def _dot(a: Array, b: Array, transpose_b: bool = False) -> Array:
   axis, the right one on its first ("NN") or on its last ("NT", ``transpose_b``)."""
   batch = ((0,), (0,)) if a.ndim == 3 else ((), ())
   rc = b.ndim - 1 if transpose_b else b.ndim - 2
-  return lax.dot_general(
-    a, b, (((a.ndim - 1,), (rc,)), batch), preferred_element_type=jnp.float32
-  )
+  return lax.dot_general(a, b, (((a.ndim - 1,), (rc,)), batch), preferred_element_type=jnp.float32)
 
 
 def _left_transpose_product(a: Array, g: Array) -> Array:
@@ -147,9 +145,7 @@ def row_major(x: Array, axes: tuple[int, ...]) -> Array:
   return lax.optimization_barrier(y.reshape(-1)).reshape(y.shape)
 
 
-def bmm(
-  a: Array, b: Array, *, transpose_b: bool = False, out_dtype=None, precision=None
-) -> Array:
+def bmm(a: Array, b: Array, *, transpose_b: bool = False, out_dtype=None, precision=None) -> Array:
   """Batched product ``(G..., M, K) @ (G..., K, N) -> (G..., M, N)`` in ``out_dtype``.
 
   With ``transpose_b`` the right operand is given as ``(G..., N, K)`` and the result is
