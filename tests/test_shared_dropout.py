@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -67,3 +68,41 @@ def test_paper_configs_share_the_mask_as_the_authors(name, shared):
 
   config = importlib.import_module(f"experiments.configs.{name}").get_config()
   assert config.model.shared_dropout_mask is shared
+
+
+@pytest.mark.parametrize(
+  "batch_size, probs_shape", [(3, (2, 4, 5)), (None, (2, 4, 5)), (3, (3, 2, 4, 5))]
+)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_dropout_probs_gradient_matches_autodiff_of_its_definition(batch_size, probs_shape, dtype):
+  """The custom backward pass (boolean mask, float32 batch sum) against autodiff of
+  ``where(keep, p / (1 - rate), 0)`` with the same mask: equal in float32 up to summation order,
+  within one bfloat16 rounding of the float32 sum in bfloat16."""
+  rate, key = 0.3, jax.random.key(7)
+  probs = jax.random.uniform(jax.random.key(1), probs_shape).astype(dtype)
+  broadcast = len(probs_shape) == 3 and batch_size is not None
+  out_shape = (batch_size, *probs_shape) if broadcast else probs_shape
+  cot = jax.random.normal(jax.random.key(2), out_shape).astype(dtype)
+
+  def reference(p):
+    keep = jax.random.bernoulli(key, 1.0 - rate, out_shape)
+    q = jnp.broadcast_to(p[None], out_shape) if broadcast else p
+    return jnp.where(keep, q.astype(jnp.float32) / (1.0 - rate), 0.0)
+
+  out, pull = jax.vjp(lambda p: attn.dropout_probs(key, p, rate, batch_size), probs)
+  want_out, want_pull = jax.vjp(reference, probs)
+  eps = float(jnp.finfo(dtype).eps)
+  # the same mask; kept entries p / (1 - rate) within one rounding (division or reciprocal)
+  np.testing.assert_allclose(
+    np.asarray(out, np.float64), np.asarray(want_out.astype(dtype), np.float64), rtol=eps, atol=0
+  )
+  (got,) = pull(cot)
+  chex.assert_type(got, dtype)
+  # exact: sum over the broadcast batch of the kept cotangents / (1 - rate), in float64
+  keep = np.asarray(jax.random.bernoulli(key, 1.0 - rate, out_shape))
+  terms = np.where(keep, np.asarray(cot, np.float64), 0.0) / (1.0 - rate)
+  exact = terms.sum(0) if broadcast else terms
+  mag = np.abs(terms).sum(0) if broadcast else np.abs(terms)
+  # one rounding to dtype of a float32 sum of at most B terms
+  bound = 0.5 * eps * np.abs(exact) + (out_shape[0] + 1) * float(jnp.finfo(jnp.float32).eps) * mag
+  assert np.all(np.abs(np.asarray(got, np.float64) - exact) <= bound * (1 + 1e-6) + 1e-30)
