@@ -95,11 +95,14 @@ def test_small_attention_net_forward_and_maps(encoding):
 def test_auto_path_equals_dense_and_remat_bf16():
   kw = dict(num_classes=3, num_layers=1, num_heads=4, hidden_size=8, mlp_dim=8)
   x = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
-  auto = AttentionNet(**kw)
-  variables = auto.init({"params": jax.random.key(1)}, x)
+  separable = AttentionNet(**kw, implementation="separable")
+  variables = separable.init({"params": jax.random.key(1)}, x)
   dense = AttentionNet(**kw, implementation="dense")
   # f32 rounding of two summation orders over <= 16 keys x 8 channels
-  chex.assert_trees_all_close(auto.apply(variables, x), dense.apply(variables, x), atol=1e-5)
+  chex.assert_trees_all_close(separable.apply(variables, x), dense.apply(variables, x), atol=1e-5)
+  # 4 x 4 tokens: 'auto' is the dense path (bitwise the same program)
+  auto = AttentionNet(**kw)
+  np.testing.assert_array_equal(auto.apply(variables, x), dense.apply(variables, x))
   remat = AttentionNet(**kw, remat=True, dtype=jnp.bfloat16)
   grads = jax.grad(
     lambda p: remat.apply({"params": p}, x, True, rngs={"dropout": jax.random.key(2)}).sum()
@@ -113,3 +116,23 @@ def test_bad_encoding_and_rank():
     AttentionNet(encoding="sinusoid").init(jax.random.key(0), jnp.zeros((1, 4, 4, 1)))
   with pytest.raises(ValueError, match="images: expected rank 4"):
     AttentionNet().init(jax.random.key(0), jnp.zeros((4, 4, 1)))
+
+
+def test_auto_implementation_threshold():
+  from attnconv.models.attention_net import SEPARABLE_MIN_TOKENS, auto_implementation
+
+  n = SEPARABLE_MIN_TOKENS
+  assert auto_implementation("quadratic", n) == "separable"
+  assert auto_implementation("learned", 4 * n) == "separable"
+  assert auto_implementation("quadratic", n - 1) == "dense"
+  assert auto_implementation("quadratic", 49) == "dense"
+  assert auto_implementation("generalized", 4 * n) == "dense"
+  assert auto_implementation("learned_content", 4 * n) == "dense"
+  # the paper's 16 x 16 grid (32 x 32 images, 2 x 2 space-to-depth) keeps the separable path
+  x = jax.random.normal(jax.random.key(1), (1, 32, 32, 3))
+  model = AttentionNet(num_classes=2, num_layers=1, num_heads=2, hidden_size=8, mlp_dim=8)
+  variables = model.init({"params": jax.random.key(0)}, x)
+  sep = AttentionNet(
+    num_classes=2, num_layers=1, num_heads=2, hidden_size=8, mlp_dim=8, implementation="separable"
+  )
+  np.testing.assert_array_equal(model.apply(variables, x), sep.apply(variables, x))

@@ -37,6 +37,22 @@ Array = jax.Array
 
 ENCODINGS = ("quadratic", "generalized", "learned", "learned_content")
 
+# 'auto' takes the separable path from this many tokens on: below it the dense path's per-head
+# products outrun the separable path's small per-axis contractions (K = grid side) on the CPU.
+# Forward + backward of the fused layer with projection, gradients through the probabilities
+# (batch 100, 64 channels, 9 heads; experiments/results/bench_positional_small.json, command in
+# experiments/benchmarks/positional_scaling.py): dense 1.9x faster at 7 x 7 (the quick model),
+# even at 12 x 12 and 14 x 14, separable 1.29x faster at 16 x 16 and further ahead beyond.
+SEPARABLE_MIN_TOKENS = 256
+
+
+def auto_implementation(encoding: str, num_tokens: int) -> str:
+  """The attention path 'auto' picks: 'separable' for the quadratic and learned encodings on at
+  least ``SEPARABLE_MIN_TOKENS`` tokens, 'dense' otherwise."""
+  if encoding in ("quadratic", "learned") and num_tokens >= SEPARABLE_MIN_TOKENS:
+    return "separable"
+  return "dense"
+
 
 def space_to_depth(x: Array, block: int) -> Array:
   """Invertible down-sampling: ``(B, H, W, C) -> (B, H/b, W/b, b*b*C)`` (channel order b_h, b_w, C)."""
@@ -109,7 +125,7 @@ class AttentionBlock(nn.Module):
       attn_kw["qk_features"] = d
     implementation = self.implementation
     if implementation == "auto":
-      implementation = "separable" if self.encoding in ("quadratic", "learned") else "dense"
+      implementation = auto_implementation(self.encoding, int(np.prod(x.shape[1:-1])))
     a = MultiHeadRelativeAttention(
       num_heads=self.num_heads,
       encoding=self.encoding,
@@ -149,8 +165,9 @@ class AttentionNet(nn.Module):
     downsample: space-to-depth block size (paper: 2).
     dropout_rate: hidden dropout (paper: 0.1).
     attention_dropout_rate: dropout on attention probabilities (paper: 0.1).
-    implementation: attention path: 'auto' (separable for quadratic/learned, dense otherwise;
-      training with attention dropout always uses the dense path), 'dense' or 'separable'.
+    implementation: attention path: 'auto' (:func:`auto_implementation`: separable for
+      quadratic/learned on at least 256 tokens, dense otherwise; training with attention dropout
+      always uses the dense path), 'dense' or 'separable'.
     init_scheme: 'torch' (the authors' PyTorch defaults) or 'flax' (flax defaults).
     center_init_std: std of the attention centres at initialisation (paper: 2 pixels of the
       down-sampled grid).

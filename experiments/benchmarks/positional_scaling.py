@@ -11,6 +11,14 @@ S in {16, 24, 32, 48, 64}. Paths:
   per-head output projection ``H C x C`` per token (the same cost in both, so it dilutes the
   ratio: at 16 x 16 at most (256 + 64) / (32 + 64) = 3.3x in multiply-adds).
 
+By default the gradient is taken with respect to the input and the output kernel; with
+``--position_grads`` also with respect to the centres and ``alpha``, as in training. The quick
+model's sizes (batch 100, 64 channels; the data behind ``attention_net.SEPARABLE_MIN_TOKENS``)::
+
+    python -m experiments.benchmarks.positional_scaling --sizes 7,8,10,12,14,16 --batch 100 \
+      --channels 64 --paths dense_projected,separable_projected --position_grads --repeats 7 \
+      --out experiments/results/bench_positional_small.json
+
 Reports the median time, XLA's temporary memory, the speed-up over the dense path of the same
 kind, and each path's growth exponent in N (log time ratio / log token ratio between sizes).
 """
@@ -28,12 +36,15 @@ from attnconv import encodings as enc
 from experiments.benchmarks import common
 
 
-def make_fn(path: str, size: int, heads: int):
+def make_fn(path: str, size: int, heads: int, position_grads: bool = False):
+  """Jitted gradient of a loss of one layer's output: with respect to the input and the output
+  kernel, and with ``position_grads`` also the centres and ``alpha`` (as in training, where the
+  gradient flows back through the probabilities)."""
   pos = enc.grid_positions((size, size))
-  centers = jnp.asarray(jax.random.normal(jax.random.key(0), (heads, 2)) * 2.0)
-  alpha = jnp.full((heads,), 0.5)
+  centers0 = jnp.asarray(jax.random.normal(jax.random.key(0), (heads, 2)) * 2.0)
+  alpha0 = jnp.full((heads,), 0.5)
 
-  def fwd(x, kernel):
+  def fwd(x, kernel, centers=centers0, alpha=alpha0):
     axis_logits = enc.quadratic_axis_logits(pos, pos, centers, alpha)
     if path.startswith("separable"):
       probs = [attn.softmax(t) for t in axis_logits]
@@ -44,6 +55,14 @@ def make_fn(path: str, size: int, heads: int):
     if path == "dense_projected":
       return attn.aggregate_project(probs, x, kernel)
     return attn.aggregate(probs, x)
+
+  if position_grads:
+
+    def loss_all(x, kernel, centers, alpha):
+      return jnp.sum(fwd(x, kernel, centers, alpha) ** 2)
+
+    grad = jax.grad(loss_all, argnums=(0, 1, 2, 3))
+    return jax.jit(lambda x, kernel: grad(x, kernel, centers0, alpha0))
 
   def loss(x, kernel):
     return jnp.sum(fwd(x, kernel) ** 2)
@@ -60,6 +79,11 @@ def main(argv=None) -> None:
   p.add_argument("--heads", type=int, default=9)
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--max_dense_tokens", type=int, default=48 * 48)
+  p.add_argument(
+    "--position_grads",
+    action="store_true",
+    help="also differentiate the centres and alpha (through the probabilities), as in training",
+  )
   p.add_argument("--out", default="experiments/results/bench_positional.json")
   args = p.parse_args(argv)
   rows = []
@@ -71,7 +95,7 @@ def main(argv=None) -> None:
       if path.startswith("dense") and n > args.max_dense_tokens:
         rows.append({"tokens": n, "grid": f"{size}x{size}", "path": path, "skipped": "memory"})
         continue
-      fn = make_fn(path, size, args.heads)
+      fn = make_fn(path, size, args.heads, args.position_grads)
       mem = fn.lower(x, kernel).compile().memory_analysis()
       t = common.time_fn(lambda fn=fn: fn(x, kernel), warmup=2, repeats=args.repeats)
       row = {
