@@ -120,6 +120,9 @@ def test_matmul_rates_tiny(tmp_path):
   out = tmp_path / "mm.json"
   matmul_rates.main(
     ["--rows", "8", "--inner", "16", "--cols", "8", "--repeats", "1", "--out", str(out)]
+    + ["--batch", "2", "--heads", "2", "--tokens", "8", "--channels", "4"]
   )
   rows = json.loads(out.read_text())["rows"]
-  assert len(rows) == 8 and all(r["gflops"] > 0 for r in rows)
+  # 2 dtypes x 2 impls x 2 kinds: the 2-D product, the aggregation and the scores
+  assert len(rows) == 24 and all(r["gflops"] > 0 for r in rows)
+  assert {r["impl"] for r in rows[8:]} == {"einsum", "bmm"}

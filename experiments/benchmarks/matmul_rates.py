@@ -14,6 +14,12 @@ warm-up):
 
 On CPUs with ``avx512_bf16`` the bfloat16 ``attnconv`` rows show the hardware's bfloat16 rate;
 ``plain`` bfloat16 falls back to a slower path than float32.
+
+Then the per-image attention products at the paper's sizes (``--batch`` images, 9 heads, 256
+tokens, 400 channels): the aggregation ``P V`` (``einsum('bhqk,bkc->bqhc')`` against
+:func:`attnconv.matmul.bmm` of ``(B, H N, N) @ (B, N, C)``, heads moved after) and the content
+scores ``q . k`` (``einsum('bqhd,bkhd->bhqk')`` against ``bmm(..., transpose_b=True)`` of
+head-major copies), forward and forward + gradients.
 """
 
 from __future__ import annotations
@@ -27,12 +33,78 @@ from attnconv import matmul as mm
 from experiments.benchmarks import common
 
 
+def _aggregate_einsum(p, v):
+  return jnp.einsum("bhqk,bkc->bqhc", p, v)
+
+
+def _aggregate_bmm(p, v):
+  b, h, nq, nk = p.shape
+  y = mm.bmm(p.reshape(b, h * nq, nk), v).reshape(b, h, nq, v.shape[-1])
+  return y.transpose(0, 2, 1, 3)
+
+
+def _scores_einsum(q, k):
+  return jnp.einsum("bqhd,bkhd->bhqk", q, k)
+
+
+def _scores_bmm(q, k):
+  qh = mm.row_major(q, (0, 2, 1, 3))
+  kh = mm.row_major(k, (0, 2, 1, 3))
+  return mm.bmm(qh, kh, transpose_b=True)
+
+
+def attention_rows(batch: int, repeats: int, heads: int = 9, n: int = 256, c: int = 400):
+  """Per-image aggregation and score products, einsum against attnconv.matmul.bmm."""
+  rows = []
+  flops = 2 * batch * heads * n * n * c
+  for dtype in ("float32", "bfloat16"):
+    keys = jax.random.split(jax.random.key(3), 4)
+    probs = jax.random.uniform(keys[0], (batch, heads, n, n)).astype(dtype)
+    values = jax.random.normal(keys[1], (batch, n, c)).astype(dtype)
+    q = jax.random.normal(keys[2], (batch, n, heads, c)).astype(dtype)
+    k = jax.random.normal(keys[3], (batch, n, heads, c)).astype(dtype)
+    cases = (
+      ("aggregate P V", (probs, values), (("einsum", _aggregate_einsum), ("bmm", _aggregate_bmm))),
+      ("scores q.k", (q, k), (("einsum", _scores_einsum), ("bmm", _scores_bmm))),
+    )
+    for label, args, impls in cases:
+      for impl, f in impls:
+        cot = jax.random.normal(jax.random.key(4), jax.eval_shape(f, *args).shape).astype(dtype)
+
+        def grad_fn(a, b, g, f=f):
+          y, pullback = jax.vjp(f, a, b)
+          return (y, *pullback(g))
+
+        fwd, grad = jax.jit(f), jax.jit(grad_fn)
+        for kind, fn, fl in (("forward", fwd, flops), ("grad", grad, 3 * flops)):
+          t = common.time_fn(
+            lambda fn=fn: fn(*args, cot) if fn is grad else fn(*args),
+            warmup=2,
+            repeats=repeats,
+          )
+          row = {
+            "shape": f"{label} B{batch} H{heads} N{n} C{c}",
+            "dtype": dtype,
+            "impl": impl,
+            "kind": kind,
+            "median_ms": 1e3 * t["median_s"],
+            "gflops": fl / t["median_s"] / 1e9,
+          }
+          rows.append(row)
+          print(row, flush=True)
+  return rows
+
+
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__)
   p.add_argument("--rows", default="2048,8192")
   p.add_argument("--inner", type=int, default=3600)
   p.add_argument("--cols", type=int, default=400)
   p.add_argument("--repeats", type=int, default=7)
+  p.add_argument("--batch", type=int, default=8, help="images for the per-image attention products")
+  p.add_argument("--heads", type=int, default=9)
+  p.add_argument("--tokens", type=int, default=256)
+  p.add_argument("--channels", type=int, default=400)
   p.add_argument("--out", default="experiments/results/bench_matmul.json")
   args = p.parse_args(argv)
   rows = []
@@ -66,6 +138,7 @@ def main(argv=None) -> None:
           }
           rows.append(row)
           print(row, flush=True)
+  rows.extend(attention_rows(args.batch, args.repeats, args.heads, args.tokens, args.channels))
   print(common.markdown_table(rows, ["shape", "dtype", "impl", "kind", "median_ms", "gflops"]))
   common.write_json(args.out, {"machine": common.machine_info(), "args": vars(args), "rows": rows})
 
