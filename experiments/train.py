@@ -210,7 +210,9 @@ def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
 
 
-def _make_train_step(model, tx, dataset: data_lib.Dataset, microbatches: int = 1) -> Callable:
+def _make_train_step(
+  model, tx, dataset: data_lib.Dataset, microbatches: int = 1, unroll: bool = False
+) -> Callable:
   crop_padding, flip = dataset.crop_padding, dataset.flip
   mean, std = dataset.mean, dataset.std
 
@@ -231,7 +233,13 @@ def _make_train_step(model, tx, dataset: data_lib.Dataset, microbatches: int = 1
       return loss, (logits, updates.get("batch_stats", {}))
 
     (loss, (logits, batch_stats)), grads = accumulated_value_and_grad(
-      loss_fn, state.params, state.batch_stats, (images, labels), dropout_key, microbatches
+      loss_fn,
+      state.params,
+      state.batch_stats,
+      (images, labels),
+      dropout_key,
+      microbatches,
+      unroll,
     )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -505,7 +513,9 @@ def train_and_evaluate(
 
   # --- Jitted steps. --------------------------------------------------------------------------
   train_step = jax.jit(
-    _make_train_step(model, tx, dataset, microbatches),
+    _make_train_step(
+      model, tx, dataset, microbatches, bool(config.get("unroll_microbatches", False))
+    ),
     in_shardings=(replicated, data_sharding, data_sharding),
     out_shardings=(replicated, replicated),
     donate_argnums=0,

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from experiments.benchmarks import (
@@ -126,3 +129,21 @@ def test_matmul_rates_tiny(tmp_path):
   # 2 dtypes x 2 impls x 2 kinds: the 2-D product, the aggregation and the scores
   assert len(rows) == 24 and all(r["gflops"] > 0 for r in rows)
   assert {r["impl"] for r in rows[8:]} == {"einsum", "bmm"}
+
+
+def test_positional_scaling_position_grads_differentiates_the_centres():
+  """``--position_grads``: the gradient reaches the centres and alpha through the probabilities
+  (nonzero for both paths) and both paths agree."""
+  grads = [
+    positional_scaling.make_fn(path, 5, 2, position_grads=True)
+    for path in ("dense_projected", "separable_projected")
+  ]
+  x = jax.random.normal(jax.random.key(1), (2, 25, 3))
+  kernel = jax.random.normal(jax.random.key(2), (2, 3, 3))
+  got = [g(x, kernel) for g in grads]
+  assert len(got[0]) == 4  # x, kernel, centers, alpha
+  for a, b in zip(*got):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  assert float(jnp.abs(got[0][2]).max()) > 0 and float(jnp.abs(got[0][3]).max()) > 0
+  plain = positional_scaling.make_fn("dense_projected", 5, 2)(x, kernel)
+  assert len(plain) == 2

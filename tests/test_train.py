@@ -270,8 +270,8 @@ def test_attention_net_smoke(tmp_path):
   assert found and all(np.isfinite(v).all() for v in found.values())
 
 
-@pytest.mark.parametrize("microbatches", [2, 4])
-def test_accumulated_gradient_equals_full_batch_gradient(microbatches):
+@pytest.mark.parametrize("microbatches, unroll", [(2, False), (4, False), (4, True)])
+def test_accumulated_gradient_equals_full_batch_gradient(microbatches, unroll):
   """Without random draws the mean of slice gradients is the full-batch gradient (float32
   rounding of a different summation order: tolerance a few eps of the gradient scale)."""
   k0, k1, k2 = jax.random.split(jax.random.key(0), 3)
@@ -285,7 +285,7 @@ def test_accumulated_gradient_equals_full_batch_gradient(microbatches):
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), (logits, carry)
 
   (loss, (logits, carry)), grads = train_lib.accumulated_value_and_grad(
-    loss_fn, params, {"count": jnp.zeros(())}, (x, y), jax.random.key(3), microbatches
+    loss_fn, params, {"count": jnp.zeros(())}, (x, y), jax.random.key(3), microbatches, unroll
   )
   (want_loss, (want_logits, _)), want = jax.value_and_grad(loss_fn, has_aux=True)(
     params, None, x, y, None
@@ -306,6 +306,8 @@ def test_microbatches_must_divide_the_batch(tmp_path, dataset):
     train_lib.train_and_evaluate(_config(microbatches=3), tmp_path, dataset=dataset)
 
 
-def test_training_with_microbatches_runs(tmp_path, dataset):
-  summary = train_lib.train_and_evaluate(_config(microbatches=2), tmp_path, dataset=dataset)
+@pytest.mark.parametrize("unroll", [False, True])
+def test_training_with_microbatches_runs(tmp_path, dataset, unroll):
+  config = _config(microbatches=2, unroll_microbatches=unroll)
+  summary = train_lib.train_and_evaluate(config, tmp_path, dataset=dataset)
   assert summary["steps"] == 12 and np.isfinite(summary["final_test_accuracy"])

@@ -63,7 +63,7 @@ import json, sys, time, statistics
 import jax, jax.numpy as jnp, optax
 from attnconv.models import build_model, count_params
 from experiments.accumulation import accumulated_value_and_grad  # jax only (as experiments.train)
-name, kwargs, batch, dtype, remat, steps, micro = json.loads(sys.argv[1])
+name, kwargs, batch, dtype, remat, steps, micro, unroll = json.loads(sys.argv[1])
 kwargs = dict(kwargs)
 if dtype == "bfloat16":
   kwargs["dtype"] = jnp.bfloat16
@@ -85,7 +85,7 @@ def loss_fn(p, st, x, y, rng):
   return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), (logits, new_st)
 
 def grads_of(p, st, x, y, rng):
-  (l, (_, st)), g = accumulated_value_and_grad(loss_fn, p, st, (x, y), rng, micro)
+  (l, (_, st)), g = accumulated_value_and_grad(loss_fn, p, st, (x, y), rng, micro, unroll)
   return (l, st), g
 
 @jax.jit
@@ -97,8 +97,9 @@ def step(p, o, st, x, y, rng):
 compiled = step.lower(params, opt, state, x, y, jax.random.key(3)).compile()
 step_cost = compiled.cost_analysis()
 step_cost = step_cost[0] if isinstance(step_cost, (list, tuple)) else step_cost
-# XLA counts a loop body once: scale by the number of accumulated slices
-step_flops = micro * float(step_cost.get("flops", 0.0)) if step_cost else 0.0
+# XLA counts a loop body once: scale by the number of accumulated slices (unrolled, the body
+# holds all of them)
+step_flops = (1 if unroll else micro) * float(step_cost.get("flops", 0.0)) if step_cost else 0.0
 mem = compiled.memory_analysis()
 xla_bytes = None
 if mem is not None:
@@ -191,6 +192,11 @@ def main(argv=None) -> None:
     default=1,
     help="gradient accumulation slices (used for batches it divides)",
   )
+  p.add_argument(
+    "--unroll_microbatches",
+    action="store_true",
+    help="unroll the accumulation loop (fast convolutions on XLA:CPU; more memory)",
+  )
   p.add_argument("--steps", type=int, default=5)
   p.add_argument("--timeout", type=float, default=1800)
   p.add_argument("--out", default="experiments/results/bench_train_cpu.json")
@@ -201,7 +207,8 @@ def main(argv=None) -> None:
     for dtype in args.dtypes.split(","):
       for batch in [int(b) for b in args.batches.split(",")]:
         micro = args.microbatches if batch % args.microbatches == 0 else 1
-        payload = json.dumps([model, kwargs, batch, dtype, args.remat, args.steps, micro])
+        unroll = bool(args.unroll_microbatches and micro > 1)
+        payload = json.dumps([model, kwargs, batch, dtype, args.remat, args.steps, micro, unroll])
         wrapper = _CHILD + (
           "\nimport resource\n"
           "print('PEAK_KB=%d' % resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
@@ -223,6 +230,7 @@ def main(argv=None) -> None:
           "dtype": dtype,
           "remat": args.remat,
           "microbatches": micro,
+          "unroll_microbatches": unroll,
         }
         for line in out.splitlines():
           if line.startswith("RESULT="):

@@ -29,6 +29,9 @@ Fields:
   seed: seed of the parameter init, the batch order, augmentation and dropout.
   dtype: ``"float32"`` or ``"bfloat16"`` computation (parameters stay float32).
   microbatches: gradient accumulation over this many equal slices of each batch (memory).
+  unroll_microbatches: run the slices as straight-line code instead of a loop: faster for
+    convolutional models on the CPU (XLA:CPU's convolutions are slow inside loops), but the
+    memory saving may be lost (see ``experiments.accumulation``).
   eval_every_steps: evaluate val and test every this many steps (-1: once per epoch) and at the
     end.
   checkpoint_every_steps: save a checkpoint every this many steps (-1: once per epoch) and at the
@@ -66,6 +69,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Gradient accumulation: the batch runs as this many equal slices in sequence (activation
   # memory of one slice; dropout masks are drawn per slice). 1 = the whole batch at once.
   config.microbatches = 1
+  config.unroll_microbatches = False
   config.eval_batch_size = -1
   config.num_epochs = 300
   config.num_train_steps = -1
