@@ -54,14 +54,21 @@ def _use_fast_path(a: Array, b: Array) -> bool:
   return _low_precision_cpu(a, b) and a.ndim >= 2 and b.ndim == 2
 
 
-def physical_transpose(x: Array) -> Array:
-  """``x.T`` for a matrix, as a real copy in row-major order.
+def _materialise(y: Array) -> Array:
+  """``y`` as a real row-major buffer: reshaping it to 1-D behind an optimisation barrier keeps
+  XLA from folding a preceding transpose into the layout of the product that consumes it."""
+  return lax.optimization_barrier(y.reshape(-1)).reshape(y.shape)
 
-  XLA folds a plain transpose into the layout of the product that consumes it; reshaping the
-  transposed array to 1-D behind an optimisation barrier forces the row-major copy.
+
+def physical_transpose(x: Array) -> Array:
+  """``x.T`` for a matrix, as a real copy in row-major order (:func:`physical_swap` of a matrix).
+
+  XLA folds a plain transpose into the layout of the product that consumes it, which selects
+  the slow kernel; the copy is forced by :func:`_materialise`.
   """
-  m, n = x.shape
-  return lax.optimization_barrier(x.T.reshape(m * n)).reshape(n, m)
+  if x.ndim != 2:
+    raise ValueError(f"x: expected a matrix, got shape {x.shape}")
+  return physical_swap(x)
 
 
 def _dot(a: Array, b: Array, transpose_b: bool = False) -> Array:
@@ -131,9 +138,7 @@ def matmul(a: Array, b: Array, *, out_dtype=None, precision=None) -> Array:
 
 def physical_swap(x: Array) -> Array:
   """``swapaxes(x, -1, -2)`` as a real copy in row-major order (batched :func:`physical_transpose`)."""
-  *lead, m, n = x.shape
-  flat = lax.optimization_barrier(jnp.swapaxes(x, -1, -2).reshape(-1))
-  return flat.reshape(*lead, n, m)
+  return _materialise(jnp.swapaxes(x, -1, -2))
 
 
 def row_major(x: Array, axes: tuple[int, ...]) -> Array:
@@ -142,7 +147,7 @@ def row_major(x: Array, axes: tuple[int, ...]) -> Array:
   y = jnp.transpose(x, axes)
   if not (jnp.dtype(x.dtype) in LOW_PRECISION and jax.default_backend() == "cpu"):
     return y
-  return lax.optimization_barrier(y.reshape(-1)).reshape(y.shape)
+  return _materialise(y)
 
 
 def bmm(a: Array, b: Array, *, transpose_b: bool = False, out_dtype=None, precision=None) -> Array:

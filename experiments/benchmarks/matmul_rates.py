@@ -29,18 +29,43 @@ import argparse
 import jax
 import jax.numpy as jnp
 
+from attnconv import attention as attn
 from attnconv import matmul as mm
 from experiments.benchmarks import common
 
 
+def _forward_and_grad_rows(
+  shape: str, dtype: str, impl: str, f, args: tuple, cot, flops: float, repeats: int
+) -> list[dict]:
+  """Median time and GFLOP/s of ``f(*args)`` and of its forward + both gradients (``jax.vjp``
+  with the random cotangent ``cot``: a constant one would let XLA turn the gradient products
+  into reductions; the primal is returned, so its product is not dropped)."""
+
+  def grad_fn(a, b, g):
+    y, pullback = jax.vjp(f, a, b)
+    return (y, *pullback(g))
+
+  rows = []
+  for kind, fn, call_args, fl in (
+    ("forward", jax.jit(f), args, flops),
+    ("grad", jax.jit(grad_fn), (*args, cot), 3 * flops),
+  ):
+    t = common.time_fn(lambda fn=fn, a=call_args: fn(*a), warmup=2, repeats=repeats)
+    row = {
+      "shape": shape,
+      "dtype": dtype,
+      "impl": impl,
+      "kind": kind,
+      "median_ms": 1e3 * t["median_s"],
+      "gflops": fl / t["median_s"] / 1e9,
+    }
+    rows.append(row)
+    print(row, flush=True)
+  return rows
+
+
 def _aggregate_einsum(p, v):
   return jnp.einsum("bhqk,bkc->bqhc", p, v)
-
-
-def _aggregate_bmm(p, v):
-  b, h, nq, nk = p.shape
-  y = mm.bmm(p.reshape(b, h * nq, nk), v).reshape(b, h, nq, v.shape[-1])
-  return y.transpose(0, 2, 1, 3)
 
 
 def _scores_einsum(q, k):
@@ -64,34 +89,14 @@ def attention_rows(batch: int, repeats: int, heads: int = 9, n: int = 256, c: in
     q = jax.random.normal(keys[2], (batch, n, heads, c)).astype(dtype)
     k = jax.random.normal(keys[3], (batch, n, heads, c)).astype(dtype)
     cases = (
-      ("aggregate P V", (probs, values), (("einsum", _aggregate_einsum), ("bmm", _aggregate_bmm))),
+      ("aggregate P V", (probs, values), (("einsum", _aggregate_einsum), ("bmm", attn.aggregate))),
       ("scores q.k", (q, k), (("einsum", _scores_einsum), ("bmm", _scores_bmm))),
     )
     for label, args, impls in cases:
       for impl, f in impls:
         cot = jax.random.normal(jax.random.key(4), jax.eval_shape(f, *args).shape).astype(dtype)
-
-        def grad_fn(a, b, g, f=f):
-          y, pullback = jax.vjp(f, a, b)
-          return (y, *pullback(g))
-
-        fwd, grad = jax.jit(f), jax.jit(grad_fn)
-        for kind, fn, fl in (("forward", fwd, flops), ("grad", grad, 3 * flops)):
-          t = common.time_fn(
-            lambda fn=fn: fn(*args, cot) if fn is grad else fn(*args),
-            warmup=2,
-            repeats=repeats,
-          )
-          row = {
-            "shape": f"{label} B{batch} H{heads} N{n} C{c}",
-            "dtype": dtype,
-            "impl": impl,
-            "kind": kind,
-            "median_ms": 1e3 * t["median_s"],
-            "gflops": fl / t["median_s"] / 1e9,
-          }
-          rows.append(row)
-          print(row, flush=True)
+        shape = f"{label} B{batch} H{heads} N{n} C{c}"
+        rows.extend(_forward_and_grad_rows(shape, dtype, impl, f, args, cot, flops, repeats))
   return rows
 
 
@@ -115,29 +120,10 @@ def main(argv=None) -> None:
       w = jax.random.normal(jax.random.key(1), (k, n)).astype(dtype) * 0.02
       g = jax.random.normal(jax.random.key(2), (m, n)).astype(dtype)
       for impl, f in (("plain", jnp.matmul), ("attnconv", mm.matmul)):
-        fwd = jax.jit(f)
-
-        # forward + both gradients for a random cotangent (a constant one would let XLA turn the
-        # gradient products into reductions)
-        def grad_fn(x, w, g, f=f):
-          y, pullback = jax.vjp(f, x, w)
-          return (y, *pullback(g))  # the primal is returned, so its product is not dropped
-
-        grad = jax.jit(grad_fn)
-        for kind, fn, flops in (("forward", fwd, 2 * m * k * n), ("grad", grad, 6 * m * k * n)):
-          t = common.time_fn(
-            lambda fn=fn: fn(x, w, g) if fn is grad else fn(x, w), warmup=2, repeats=args.repeats
-          )
-          row = {
-            "shape": f"{m}x{k} @ {k}x{n}",
-            "dtype": dtype,
-            "impl": impl,
-            "kind": kind,
-            "median_ms": 1e3 * t["median_s"],
-            "gflops": flops / t["median_s"] / 1e9,
-          }
-          rows.append(row)
-          print(row, flush=True)
+        shape = f"{m}x{k} @ {k}x{n}"
+        rows.extend(
+          _forward_and_grad_rows(shape, dtype, impl, f, (x, w), g, 2 * m * k * n, args.repeats)
+        )
   rows.extend(attention_rows(args.batch, args.repeats, args.heads, args.tokens, args.channels))
   print(common.markdown_table(rows, ["shape", "dtype", "impl", "kind", "median_ms", "gflops"]))
   common.write_json(args.out, {"machine": common.machine_info(), "args": vars(args), "rows": rows})
