@@ -342,6 +342,40 @@ def test_gather_hard_equals_dense_hard_aggregation_exactly(d, data):
     np.testing.assert_array_equal(gathered[:, :, hi], want)
 
 
+@given(st.integers(1, 3), st.data())
+def test_gather_project_blocks_equal_the_float64_sum(d, data):
+  """Every block schedule (blocks of query rows, of images, with remainders) computes
+  ``sum_h view_h W_h``: within ``H C eps sum|terms|`` of the float64 sum, as the single block."""
+  spatial = tuple(data.draw(st.integers(2, 5)) for _ in range(d))
+  b, h, c, dout = (data.draw(st.integers(1, n)) for n in (3, 4, 3, 2))
+  centers = np.asarray(
+    data.draw(st.lists(st.integers(-1, 1), min_size=h * d, max_size=h * d)), np.float32
+  ).reshape(h, d)
+  strides = tuple(data.draw(st.integers(1, 2)) for _ in range(d))
+  rng = rng_for("blocks", d, spatial, b, h, c)
+  x = rng.normal(size=(b, *spatial, c)).astype(np.float32)
+  kernel = rng.normal(size=(h, c, dout)).astype(np.float32)
+  keys, kpos = attn.key_grid(jnp.asarray(x), [(1, 1)] * d)
+  qpos = attn.query_grid(keys.shape[1:-1], [(1, 1)] * d, strides=strides, window=(3,) * d)
+  views = np.asarray(attn.gather_hard(keys, kpos, qpos, jnp.asarray(centers)), np.float64)
+  want = np.einsum("bqhc,hcd->bqd", views, kernel.astype(np.float64))
+  bound = h * c * F32_EPS * np.einsum("bqhc,hcd->bqd", np.abs(views), np.abs(kernel))
+  entries = b * views.shape[1] * h * c  # the whole im2col buffer
+  limit = data.draw(st.integers(0, entries + 1))
+  saved = attn.IM2COL_MAX_ELEMENTS
+  try:
+    outs = {}
+    for name, value in (("blocks", limit), ("single", entries)):
+      attn.IM2COL_MAX_ELEMENTS = value  # read at trace time: a fresh jit per schedule
+      fn = jax.jit(lambda kk, k: attn.gather_project(kk, kpos, qpos, jnp.asarray(centers), k))
+      outs[name] = np.asarray(fn(keys, jnp.asarray(kernel)))
+  finally:
+    attn.IM2COL_MAX_ELEMENTS = saved
+  chex.assert_shape(outs["blocks"], want.shape)
+  assert np.all(np.abs(outs["blocks"] - want) <= bound)
+  assert np.all(np.abs(outs["single"] - want) <= bound)
+
+
 # ----------------------------------------------------------------------------------------------
 # invalid arguments
 # ----------------------------------------------------------------------------------------------

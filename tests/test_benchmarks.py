@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from experiments.benchmarks import (
+  common,
   conv_emulation,
   matmul_rates,
   positional_scaling,
@@ -111,12 +112,17 @@ def test_conv_emulation_tiny(tmp_path):
       "2",
       "--repeats",
       "1",
+      "--rounds",
+      "3",
       "--out",
       str(out),
     ]
   )
   (row,) = json.loads(out.read_text())["rows"]
-  assert row["gather_time_ratio"] > 0 and row["dense_time_ratio"] > 0
+  for impl in ("gather", "dense"):
+    ratios = row[f"{impl}_time_ratio_rounds"]
+    assert len(ratios) == 3 and min(ratios) > 0
+    assert row[f"{impl}_time_ratio"] == sorted(ratios)[1]  # the median over rounds
 
 
 def test_matmul_rates_tiny(tmp_path):
@@ -147,3 +153,20 @@ def test_positional_scaling_position_grads_differentiates_the_centres():
   assert float(jnp.abs(got[0][2]).max()) > 0 and float(jnp.abs(got[0][3]).max()) > 0
   plain = positional_scaling.make_fn("dense_projected", 5, 2)(x, kernel)
   assert len(plain) == 2
+
+
+def test_time_interleaved_runs_each_variant_round_robin():
+  order = []
+
+  def variant(name):
+    def fn():
+      order.append(name)
+      return jnp.zeros(())
+
+    return fn
+
+  timed = common.time_interleaved({"a": variant("a"), "b": variant("b")}, warmup=1, repeats=3)
+  assert order == ["a", "b"] + ["a", "b"] * 3  # warm-up per variant, then alternating repeats
+  assert set(timed) == {"a", "b"}
+  for t in timed.values():
+    assert 0 <= t["min_s"] <= t["median_s"] <= t["max_s"]

@@ -365,24 +365,28 @@ def test_gather_equals_dense_hard_exactly(inputs, stride, data):
   np.testing.assert_array_equal(yg, y)
 
 
-def test_gather_per_tap_schedule_equals_im2col(monkeypatch):
-  """Above ``IM2COL_MAX_ELEMENTS`` the gather path accumulates one product per tap: the same sum
-  in another order (float32: within ``H eps sum |view| |W|``)."""
+def test_gather_in_blocks_equals_one_block(monkeypatch):
+  """With ``IM2COL_MAX_ELEMENTS`` below one query row of the batch, the layer's gather path runs
+  blocks of rows of single images (nested ``lax.map`` plus remainders): the same sum per output
+  (float32: within ``H C eps sum|terms|`` of the single block)."""
   from attnconv import attention as attn_lib
 
-  x = jax.random.normal(jax.random.key(0), (2, 6, 5, 3))
+  x = jax.random.normal(jax.random.key(0), (3, 7, 5, 3))
   layer = MultiHeadRelativeAttention(
     9, implementation="gather", hard=True, padding="SAME", query_window=3
   )
   variables = jax.jit(layer.init)(jax.random.key(1), x)
   centers = np.array([[i, j] for i in (-1, 0, 1) for j in (-1, 0, 1)], np.float32)
   variables = {"params": dict(variables["params"], centers=centers)}
-  im2col = layer.apply(variables, x)
-  monkeypatch.setattr(attn_lib, "IM2COL_MAX_ELEMENTS", 0)
-  per_tap = layer.apply(variables, x)
-  kernel = np.abs(np.asarray(variables["params"]["out"]["kernel"]))
-  scale = np.max(np.abs(np.asarray(x))) * kernel.sum(axis=(0, 1)).max()
-  np.testing.assert_allclose(per_tap, im2col, rtol=0, atol=9 * np.finfo(np.float32).eps * scale)
+  one_block = layer.apply(variables, x)
+  row = 5 * 9 * 3  # one query row of one image: 5 queries x 9 heads x 3 channels
+  # Blocks of one row of one image; of images 2 + 1 with 1-2 rows each; of one row of all 3.
+  for limit in (0, 2 * row, 3 * row):
+    monkeypatch.setattr(attn_lib, "IM2COL_MAX_ELEMENTS", limit)
+    blocks = layer.apply(variables, x)
+    kernel = np.abs(np.asarray(variables["params"]["out"]["kernel"]))
+    scale = np.max(np.abs(np.asarray(x))) * kernel.sum(axis=(0, 1)).max()
+    np.testing.assert_allclose(blocks, one_block, rtol=0, atol=27 * F32_EPS * scale)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -54,6 +54,30 @@ def time_fn(fn: Callable[[], Any], *, warmup: int = 2, repeats: int = 5) -> dict
   return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
 
 
+def time_interleaved(
+  fns: dict[str, Callable[[], Any]], *, warmup: int = 2, repeats: int = 5
+) -> dict[str, dict[str, float]]:
+  """:func:`time_fn` of several variants with their repeats interleaved (round-robin).
+
+  On a shared machine slow periods last seconds; timing the variants one after another puts
+  whole variants into them, interleaving spreads a slow period over all of them, so the ratios
+  between variants stay stable.
+  """
+  for fn in fns.values():
+    for _ in range(warmup):
+      jax.block_until_ready(fn())
+  times: dict[str, list[float]] = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      t = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[name].append(time.perf_counter() - t)
+  return {
+    name: {"median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts)}
+    for name, ts in times.items()
+  }
+
+
 def peak_memory_of(code: str, timeout: float = 1800) -> float | None:
   """Peak resident memory (GiB) of a fresh Python process running ``code`` (CPU runs).
 
