@@ -115,7 +115,10 @@ def aggregate_separable(
 ) -> Array:
   """Aggregation with probabilities that factorise over axes, ``P = P_0 (x) ... (x) P_{d-1}``.
 
-  Contracts one key axis at a time, costing ``B H C N (sum_a Nk_a)`` instead of ``B H C N Nk``.
+  Contracts one key axis at a time, first axis first, costing ``B H C N (sum_a Nk_a)`` instead of
+  ``B H C N Nk``: in a keys-first ``(K_0, ..., B C)`` layout the first axis is one
+  ``(H Q_0, K_0) @ (K_0, ...)`` product, each later axis ``a`` a batched product over the
+  ``H Q_0 ... Q_{a-1}`` rows done so far, so the only transposes are of the input and the output.
 
   Args:
     axis_probs: per-axis ``(H, Nq_a, Nk_a)``.
@@ -138,20 +141,29 @@ def aggregate_separable(
     raise ValueError(
       f"values: expected {int(np.prod(key_shape))} keys on axis 1, got {values.shape}"
     )
-  x = values.reshape((b, *key_shape, *values.shape[2:]))
-  qs, ks = "xyz"[:d], "ijl"[:d]
-  cur = ["b", *ks, "h", "c"] if per_head else ["b", *ks, "c"]
-  for a in reversed(range(d)):
-    out = list(cur)
-    out[out.index(ks[a])] = qs[a]
-    if "h" not in out:
-      out.insert(len(out) - 1, "h")
-    x = jnp.einsum(
-      f"h{qs[a]}{ks[a]},{''.join(cur)}->{''.join(out)}", axis_probs[a], x, precision=precision
-    )
-    cur = out
-  nq = int(np.prod([p.shape[1] for p in axis_probs]))
-  return x.reshape(b, nq, x.shape[-2], x.shape[-1])
+  h, c = axis_probs[0].shape[0], values.shape[-1]
+  if per_head and values.shape[2] != h:
+    raise ValueError(f"values: expected {h} heads on axis 2 (as axis_probs), got {values.shape}")
+  # Keys-first layout: every contraction below is a plain or batched row-major product
+  # (attnconv.matmul), with the contracted key axis leading what is left of the keys.
+  x = values.reshape(b, *key_shape, *values.shape[2:])
+  if per_head:  # (H, K_0, ..., K_{d-1}, B C), heads as the batch of the first product
+    x = jnp.moveaxis(jnp.moveaxis(x, 1 + d, 0), 1, 1 + d).reshape(h, key_shape[0], -1)
+    y = mm.bmm(axis_probs[0], x, precision=precision)  # (H, Q_0, K_1 ... B C)
+  else:  # (K_0, ..., K_{d-1}, B C), shared by the heads: one (H Q_0, K_0) @ (K_0, ...) product
+    x = jnp.moveaxis(x, 0, d).reshape(key_shape[0], -1)
+    q0 = axis_probs[0].shape[1]
+    y = mm.matmul(axis_probs[0].reshape(h * q0, key_shape[0]), x, precision=precision)
+  lead = [h, axis_probs[0].shape[1]]  # (H, Q_0, ..., Q_{a-1}) done so far
+  for a in range(1, d):
+    g = int(np.prod(lead))
+    y = y.reshape(g, key_shape[a], -1)  # (H Q_<a, K_a, K_>a B C)
+    p = axis_probs[a]  # the same (Q_a, K_a) matrix for every query position already contracted
+    p = jnp.broadcast_to(p.reshape(h, *[1] * (len(lead) - 1), *p.shape[1:]), (*lead, *p.shape[1:]))
+    y = mm.bmm(p.reshape(g, *axis_probs[a].shape[1:]), y, precision=precision)
+    lead.append(axis_probs[a].shape[1])
+  nq = int(np.prod(lead[1:]))
+  return y.reshape(h, nq, b, c).transpose(2, 1, 0, 3)
 
 
 def dropout_probs(rng: Array, probs: Array, rate: float, batch_size: int | None) -> Array:

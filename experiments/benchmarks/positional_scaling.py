@@ -77,7 +77,7 @@ def main(argv=None) -> None:
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--channels", type=int, default=64)
   p.add_argument("--heads", type=int, default=9)
-  p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--repeats", type=int, default=9)
   p.add_argument("--max_dense_tokens", type=int, default=48 * 48)
   p.add_argument(
     "--position_grads",
@@ -91,18 +91,25 @@ def main(argv=None) -> None:
     n = size * size
     x = jax.random.normal(jax.random.key(1), (args.batch, n, args.channels))
     kernel = jax.random.normal(jax.random.key(2), (args.heads, args.channels, args.channels)) * 0.05
+    fns = {}
     for path in args.paths.split(","):
       if path.startswith("dense") and n > args.max_dense_tokens:
         rows.append({"tokens": n, "grid": f"{size}x{size}", "path": path, "skipped": "memory"})
         continue
-      fn = make_fn(path, size, args.heads, args.position_grads)
+      fns[path] = make_fn(path, size, args.heads, args.position_grads)
+    # The paths' repeats interleaved: a slow period of a shared machine hits all of them.
+    timed = common.time_interleaved(
+      {path: (lambda fn=fn: fn(x, kernel)) for path, fn in fns.items()},
+      warmup=2,
+      repeats=args.repeats,
+    )
+    for path, fn in fns.items():
       mem = fn.lower(x, kernel).compile().memory_analysis()
-      t = common.time_fn(lambda fn=fn: fn(x, kernel), warmup=2, repeats=args.repeats)
       row = {
         "tokens": n,
         "grid": f"{size}x{size}",
         "path": path,
-        "median_ms": 1e3 * t["median_s"],
+        "median_ms": 1e3 * timed[path]["median_s"],
         "temp_mib": (mem.temp_size_in_bytes / 2**20) if mem is not None else None,
       }
       rows.append(row)
