@@ -170,3 +170,20 @@ def test_time_interleaved_runs_each_variant_round_robin():
   assert set(timed) == {"a", "b"}
   for t in timed.values():
     assert 0 <= t["min_s"] <= t["median_s"] <= t["max_s"]
+
+
+def test_combine_rounds_takes_the_median_round_and_the_largest_memory():
+  runs = [
+    {"images_per_second": 9.0, "host_peak_gib": 1.5, "step_s": 1 / 9},
+    {"error": "timeout"},
+    {"images_per_second": 6.0, "host_peak_gib": 1.7, "step_s": 1 / 6},
+    {"images_per_second": 8.0, "host_peak_gib": 1.4, "step_s": 1 / 8},
+  ]
+  row = train_throughput.combine_rounds(runs)
+  assert row["images_per_second"] == 8.0 and row["step_s"] == 1 / 8  # median of 6, 8, 9
+  assert row["images_per_second_rounds"] == [9.0, None, 6.0, 8.0]
+  assert row["host_peak_gib"] == 1.7
+  even = train_throughput.combine_rounds(runs[:1] + runs[2:3])
+  assert even["images_per_second"] == 6.0  # the lower median of an even count
+  failed = train_throughput.combine_rounds([{"error": "a"}, {"error": "b"}])
+  assert failed == {"error": "a"}
