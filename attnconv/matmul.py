@@ -182,6 +182,44 @@ def bmm(a: Array, b: Array, *, transpose_b: bool = False, out_dtype=None, precis
   return y.reshape(*lead, *y.shape[-2:])
 
 
+def add_bias(y: Array, bias: Array) -> Array:
+  """``y + bias`` for a ``bias`` of the trailing axes of ``y``, whose gradient for ``bias`` sums
+  over the leading axes in float32.
+
+  For bfloat16/float16 on the CPU autodiff sums the cotangent in the low precision, rounding
+  after every add, and XLA:CPU rewrites that reduction as a slow ``reduce-window`` (29 ms per
+  query/key projection of the learned + content model at batch 8, 12 % of its step); summing in
+  float32 is exact to float32 and takes under a millisecond. Other dtypes and backends:
+  ``y + bias`` (float32 programs unchanged).
+  """
+  n = bias.ndim
+  if n > y.ndim or tuple(y.shape[y.ndim - n :]) != tuple(bias.shape):
+    raise ValueError(
+      f"bias: expected the trailing shape of y {tuple(y.shape[y.ndim - n :])}, got "
+      f"{tuple(bias.shape)} (y {tuple(y.shape)})"
+    )
+  if y.ndim == n or not _low_precision_cpu(y, bias):
+    return y + bias
+  return _bias_add(y, bias, n)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _bias_add(y: Array, bias: Array, n: int) -> Array:
+  return y + bias
+
+
+def _bias_add_fwd(y, bias, n):
+  return y + bias, None
+
+
+def _bias_add_bwd(n, _, g):
+  lead = tuple(range(g.ndim - n))
+  return g, jnp.sum(g.astype(jnp.float32), axis=lead).astype(g.dtype)
+
+
+_bias_add.defvjp(_bias_add_fwd, _bias_add_bwd)
+
+
 def dot_general(
   lhs: Array, rhs: Array, dimension_numbers, precision=None, preferred_element_type=None
 ) -> Array:

@@ -14,6 +14,8 @@ from hypothesis import strategies as st
 from attnconv import matmul as mm
 
 BF16 = jnp.bfloat16
+BF16_EPS = float(jnp.finfo(jnp.bfloat16).eps)
+F32_EPS = float(jnp.finfo(jnp.float32).eps)
 EPS_BF16 = float(jnp.finfo(BF16).eps)  # 2^-7
 EPS_F32 = float(jnp.finfo(jnp.float32).eps)
 
@@ -261,3 +263,61 @@ def test_dense_general_with_dot_general(dtype):
     bias = variables["params"]["bias"].astype(BF16)
     want = jnp.dot(x.astype(BF16), kernel, preferred_element_type=jnp.float32).astype(BF16)
     np.testing.assert_array_equal(y_fast, want.reshape(2, 5, 3, 4) + bias)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bias add (float32-summed bias gradient) and DenseHeads
+# ----------------------------------------------------------------------------------------------
+
+
+@given(st.integers(1, 3), st.integers(1, 40), st.integers(1, 2), st.integers(0, 2**31 - 1))
+def test_add_bias_values_and_gradients(lead_rank, m, bias_rank, seed):
+  """``add_bias`` is ``y + bias``; float32 gradients are autodiff's bitwise, bfloat16 bias
+  gradients are the float32 sum of the cotangent rounded once: within ``eps_bf16 / 2`` of the
+  exact sum plus ``M eps_f32 sum|g|`` for the float32 accumulation."""
+  rng = np.random.default_rng(seed)
+  lead = (m, *([2] * (lead_rank - 1)))
+  bias_shape = (3, 4)[2 - bias_rank :]
+  y = rng.normal(size=(*lead, *bias_shape)).astype(np.float32)
+  b = rng.normal(size=bias_shape).astype(np.float32)
+  g = rng.normal(size=y.shape).astype(np.float32)
+  for dtype in (jnp.float32, BF16):
+    yy, bb, gg = (jnp.asarray(a, dtype) for a in (y, b, g))
+    out, vjp = jax.vjp(mm.add_bias, yy, bb)
+    np.testing.assert_array_equal(out, yy + bb)
+    dy, db = vjp(gg)
+    np.testing.assert_array_equal(dy, gg)
+    chex.assert_trees_all_equal_dtypes((dy, db), (yy, bb))
+    axes = tuple(range(len(lead)))
+    if dtype == jnp.float32:
+      _, plain_vjp = jax.vjp(lambda a, c: a + c, yy, bb)
+      np.testing.assert_array_equal(db, plain_vjp(gg)[1])
+    else:
+      g64 = np.asarray(gg.astype(jnp.float32), np.float64)
+      exact = g64.sum(axis=axes)
+      n = int(np.prod(lead))
+      bound = BF16_EPS / 2 * np.abs(exact) + 2 * n * F32_EPS * np.abs(g64).sum(axis=axes)
+      assert np.all(np.abs(np.asarray(db.astype(jnp.float32), np.float64) - exact) <= bound)
+
+
+def test_add_bias_rejects_a_bias_that_is_not_trailing():
+  with pytest.raises(ValueError, match=r"bias: expected the trailing shape of y \(3, 4\), got"):
+    mm.add_bias(jnp.zeros((2, 3, 4)), jnp.zeros((4, 3)))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, BF16])
+def test_dense_heads_is_dense_general(dtype):
+  """``DenseHeads`` initialises the same parameters as ``nn.DenseGeneral((H, D_h))`` (bitwise,
+  non-zero bias init), computes the same output, and in float32 the same gradients."""
+  from attnconv.layers import DenseHeads
+
+  x = jax.random.normal(jax.random.key(0), (2, 5, 7))
+  init = nn.initializers.normal(1.0)
+  ref = nn.DenseGeneral((3, 4), dtype=dtype, dot_general=mm.dot_general, bias_init=init)
+  heads = DenseHeads((3, 4), dtype=dtype, bias_init=init)
+  variables = ref.init(jax.random.key(1), x)
+  chex.assert_trees_all_equal(heads.init(jax.random.key(1), x), variables)
+  np.testing.assert_array_equal(heads.apply(variables, x), ref.apply(variables, x))
+  if dtype == jnp.float32:
+    grads = [jax.grad(lambda v, m=m: jnp.sum(m.apply(v, x) ** 2))(variables) for m in (ref, heads)]
+    chex.assert_trees_all_equal(*grads)
