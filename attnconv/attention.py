@@ -362,9 +362,9 @@ def _chunks(n: int, cap: int) -> tuple[int, int, int]:
   return size, n // size, n % size
 
 
-def _blocks(fn, n: int, size: int, full: int, rest: int, axis: int) -> Array:
-  """``fn(first, count)`` over ``[0, n)`` in ``full`` equal blocks (``lax.map``) and a remainder,
-  concatenated along ``axis`` (0 or 1) of the blocks' outputs."""
+def _blocks(fn, size: int, full: int, rest: int, axis: int) -> Array:
+  """``fn(first, count)`` over ``[0, full * size + rest)`` in ``full`` equal blocks (``lax.map``)
+  and a remainder, concatenated along ``axis`` (0 or 1) of the blocks' outputs."""
   if full == 1 and not rest:
     return fn(0, size)
   out = lax.map(lambda first: fn(first, size), jnp.arange(full, dtype=jnp.int32) * size)
@@ -416,9 +416,9 @@ def gather_project(
 
   def images(b0, nb):  # every query row of images [b0, b0 + nb)
     rows = _chunks(n0, IM2COL_MAX_ELEMENTS // (nb * row))
-    return _blocks(lambda r0, nr: block(b0, nb, r0, nr), n0, *rows, axis=1)
+    return _blocks(lambda r0, nr: block(b0, nb, r0, nr), *rows, axis=1)
 
-  out = _blocks(images, b, *_chunks(b, IM2COL_MAX_ELEMENTS // row), axis=0)
+  out = _blocks(images, *_chunks(b, IM2COL_MAX_ELEMENTS // row), axis=0)
   return out.reshape(b, -1, d).astype(keys.dtype)
 
 

@@ -44,14 +44,7 @@ def machine_info() -> dict[str, Any]:
 
 def time_fn(fn: Callable[[], Any], *, warmup: int = 2, repeats: int = 5) -> dict[str, float]:
   """Median and spread of wall time (seconds) of ``fn()`` (blocking on its result)."""
-  for _ in range(warmup):
-    jax.block_until_ready(fn())
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t)
-  return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
+  return time_interleaved({"fn": fn}, warmup=warmup, repeats=repeats)["fn"]
 
 
 def time_interleaved(
