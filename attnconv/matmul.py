@@ -144,10 +144,25 @@ def physical_swap(x: Array) -> Array:
 def row_major(x: Array, axes: tuple[int, ...]) -> Array:
   """``jnp.transpose(x, axes)``; for low-precision arrays on the CPU a real row-major copy (an
   operand of :func:`bmm` whose transpose XLA folds into the product selects the slow kernel)."""
-  y = jnp.transpose(x, axes)
   if not (jnp.dtype(x.dtype) in LOW_PRECISION and jax.default_backend() == "cpu"):
-    return y
-  return _materialise(y)
+    return jnp.transpose(x, axes)
+  return _permute(x, tuple(int(a) for a in axes))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _permute(x: Array, axes: tuple[int, ...]) -> Array:
+  return _materialise(jnp.transpose(x, axes))
+
+
+def _permute_fwd(x, axes):
+  return _permute(x, axes), None
+
+
+def _permute_bwd(axes, _, g):
+  return (_materialise(jnp.transpose(g, tuple(int(a) for a in np.argsort(axes)))),)
+
+
+_permute.defvjp(_permute_fwd, _permute_bwd)
 
 
 def bmm(a: Array, b: Array, *, transpose_b: bool = False, out_dtype=None, precision=None) -> Array:
@@ -213,8 +228,10 @@ def _bias_add_fwd(y, bias, n):
 
 
 def _bias_add_bwd(n, _, g):
-  lead = tuple(range(g.ndim - n))
-  return g, jnp.sum(g.astype(jnp.float32), axis=lead).astype(g.dtype)
+  # The barrier keeps XLA from fusing the sum into its consumer (the optimiser update), where it
+  # becomes a slow strided loop (~6 ms) instead of a vectorised reduction (~0.7 ms).
+  total = lax.optimization_barrier(jnp.sum(g.astype(jnp.float32), axis=tuple(range(g.ndim - n))))
+  return g, total.astype(g.dtype)
 
 
 _bias_add.defvjp(_bias_add_fwd, _bias_add_bwd)

@@ -321,3 +321,26 @@ def test_dense_heads_is_dense_general(dtype):
   if dtype == jnp.float32:
     grads = [jax.grad(lambda v, m=m: jnp.sum(m.apply(v, x) ** 2))(variables) for m in (ref, heads)]
     chex.assert_trees_all_equal(*grads)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, BF16])
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_dense_is_flax_dense(dtype, use_bias):
+  """``layers.Dense`` initialises the same parameters as ``nn.Dense`` (bitwise, non-zero bias
+  init), computes the same output as ``nn.Dense(dot_general=mm.dot_general)``, and in float32
+  the same gradients as plain ``nn.Dense``."""
+  from attnconv.layers import Dense
+
+  x = jax.random.normal(jax.random.key(0), (2, 5, 7))
+  init = nn.initializers.normal(1.0)
+  ref = nn.Dense(6, use_bias=use_bias, dtype=dtype, dot_general=mm.dot_general, bias_init=init)
+  dense = Dense(6, use_bias=use_bias, dtype=dtype, bias_init=init)
+  variables = nn.Dense(6, use_bias=use_bias, bias_init=init).init(jax.random.key(1), x)
+  chex.assert_trees_all_equal(dense.init(jax.random.key(1), x), variables)
+  np.testing.assert_array_equal(dense.apply(variables, x), ref.apply(variables, x))
+  if dtype == jnp.float32:
+    plain = nn.Dense(6, use_bias=use_bias, bias_init=init)
+    grads = [
+      jax.grad(lambda v, m=m: jnp.sum(m.apply(v, x) ** 2))(variables) for m in (plain, dense)
+    ]
+    chex.assert_trees_all_equal(*grads)

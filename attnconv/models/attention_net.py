@@ -30,8 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attnconv import matmul as mm
-from attnconv.layers import MultiHeadRelativeAttention
+from attnconv.layers import Dense, Dropout, MultiHeadRelativeAttention
 
 Array = jax.Array
 
@@ -102,18 +101,11 @@ class AttentionBlock(nn.Module):
     d = self.hidden_size
     torch = self.init_scheme == "torch"
 
-    def dense(features: int, fan_in: int, name: str) -> nn.Dense:
+    def dense(features: int, fan_in: int, name: str) -> Dense:
       kw = {}
       if torch:
         kw = {"kernel_init": torch_kernel_init(), "bias_init": torch_bias_init(fan_in)}
-      return nn.Dense(
-        features,
-        dtype=self.dtype,
-        param_dtype=self.param_dtype,
-        dot_general=mm.dot_general,
-        name=name,
-        **kw,
-      )
+      return Dense(features, dtype=self.dtype, param_dtype=self.param_dtype, name=name, **kw)
 
     attn_kw: dict[str, Any] = {}
     if torch:
@@ -140,7 +132,7 @@ class AttentionBlock(nn.Module):
       **attn_kw,
     )(x, deterministic=not train)
     a = dense(d, d, "attention_output")(a)
-    a = nn.Dropout(self.dropout_rate, deterministic=not train)(a)
+    a = Dropout(self.dropout_rate, deterministic=not train)(a)
     ln = lambda name: nn.LayerNorm(  # noqa: E731
       epsilon=1e-12, dtype=self.dtype, param_dtype=self.param_dtype, name=name
     )
@@ -148,7 +140,7 @@ class AttentionBlock(nn.Module):
     m = dense(self.mlp_dim, d, "mlp_in")(x)
     m = nn.gelu(m, approximate=False)
     m = dense(d, self.mlp_dim, "mlp_out")(m)
-    m = nn.Dropout(self.dropout_rate, deterministic=not train)(m)
+    m = Dropout(self.dropout_rate, deterministic=not train)(m)
     return ln("mlp_norm")(x + m)
 
 
@@ -210,13 +202,8 @@ class AttentionNet(nn.Module):
     kw = {}
     if self.init_scheme == "torch":
       kw = {"kernel_init": torch_kernel_init(), "bias_init": torch_bias_init(x.shape[-1])}
-    x = nn.Dense(
-      self.hidden_size,
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-      dot_general=mm.dot_general,
-      name="embedding",
-      **kw,
+    x = Dense(
+      self.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype, name="embedding", **kw
     )(x)
     block_cls = nn.remat(AttentionBlock, static_argnums=(2,)) if self.remat else AttentionBlock
     for i in range(self.num_layers):
