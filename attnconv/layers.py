@@ -33,6 +33,7 @@ import numpy as np
 from attnconv import attention as attn
 from attnconv import encodings as enc
 from attnconv import matmul as mm
+from attnconv import normalization
 from attnconv import rng as rng_lib
 
 Array = jax.Array
@@ -142,6 +143,29 @@ class Dense(nn.Module):
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     y = mm.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=self.precision)
     return y if bias is None else mm.add_bias(y, bias)
+
+
+class LayerNorm(nn.Module):
+  """``flax.linen.LayerNorm`` over the last axis (same parameters ``scale``, ``bias`` and
+  initialisation; forward bitwise the same) through :func:`attnconv.normalization.layer_norm`,
+  whose closed-form backward pass serves bfloat16 on the CPU.
+
+  ``(..., D) -> (..., D)``.
+  """
+
+  epsilon: float = 1e-6
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+  scale_init: Initializer = nn.initializers.ones_init()
+  bias_init: Initializer = nn.initializers.zeros_init()
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    d = x.shape[-1]
+    scale = self.param("scale", self.scale_init, (d,), self.param_dtype)
+    bias = self.param("bias", self.bias_init, (d,), self.param_dtype)
+    dtype = nn.dtypes.canonicalize_dtype(x, scale, bias, dtype=self.dtype)
+    return normalization.layer_norm(x, scale, bias, epsilon=self.epsilon, dtype=dtype)
 
 
 class DenseHeads(nn.Module):

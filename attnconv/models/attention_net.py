@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attnconv.layers import Dense, Dropout, MultiHeadRelativeAttention
+from attnconv.layers import Dense, Dropout, LayerNorm, MultiHeadRelativeAttention
 
 Array = jax.Array
 
@@ -133,7 +133,7 @@ class AttentionBlock(nn.Module):
     )(x, deterministic=not train)
     a = dense(d, d, "attention_output")(a)
     a = Dropout(self.dropout_rate, deterministic=not train)(a)
-    ln = lambda name: nn.LayerNorm(  # noqa: E731
+    ln = lambda name: LayerNorm(  # noqa: E731
       epsilon=1e-12, dtype=self.dtype, param_dtype=self.param_dtype, name=name
     )
     x = ln("attention_norm")(x + a)
