@@ -78,7 +78,9 @@ def _layer_norm_bwd(epsilon, dtype, res, g):
   rstd = lax.rsqrt(var + epsilon)
   x_hat = (x.astype(jnp.float32) - mean) * rstd
   gf = g.astype(jnp.float32)
-  g_hat = gf * scale.astype(jnp.float32)
+  # (a barrier on scale: otherwise XLA shares one materialised (..., D) broadcast of it with the
+  # forward pass)
+  g_hat = gf * lax.optimization_barrier(scale).astype(jnp.float32)
   c1 = jnp.mean(g_hat, axis=-1, keepdims=True)
   c2 = jnp.mean(g_hat * x_hat, axis=-1, keepdims=True)
   dx = (rstd * (g_hat - c1 - x_hat * c2)).astype(x.dtype)
