@@ -383,6 +383,7 @@ def query_relative_logits(
   rel_embeddings: Sequence[Array],
   *,
   scale: float | None = None,
+  out_dtype=None,
 ) -> Array:
   """Query-against-relative-embedding scores ``q . r_delta`` (Ramachandran et al.; separable).
 
@@ -391,11 +392,18 @@ def query_relative_logits(
   half of the query meets the row or the column table). Cost ``B N H (sum_a Nk_a) P``; no
   ``(B, N, N, D)`` tensor is formed.
 
+  Each axis is one batched product over its query coordinate (:func:`attnconv.matmul.bmm`,
+  "NT" form): the chunk as a row-major ``(Nq_a, B (other query axes) H, P)`` copy against
+  ``(Nq_a, Nk_a, P)``. (As an ``einsum`` in bfloat16, XLA:CPU converted both to float32 and ran
+  the products and their gradients at ~70-95 GFLOP/s through float32 transposes.)
+
   Args:
     query: ``(B, Nq, H, d * P)``.
     query_shape: the query grid shape ``(Nq_0, ..., Nq_{d-1})``.
     rel_embeddings: per-axis ``(Nq_a, Nk_a, P)`` from :func:`relative_embeddings`.
     scale: multiplier of the scores; default ``1 / sqrt(d * P)``.
+    out_dtype: dtype of the scores (default the query's); low-precision operands accumulate in
+      float32 and are rounded once to it.
 
   Returns:
     ``(B, H, Nq, Nk)``.
@@ -407,21 +415,30 @@ def query_relative_logits(
     raise ValueError(
       f"query: expected shape (B, {int(np.prod(query_shape))}, H, {d * p}), got {query.shape}"
     )
+  query_shape = tuple(int(n) for n in query_shape)
   scale = 1.0 / np.sqrt(dk) if scale is None else scale
+  out_dtype = jnp.dtype(out_dtype or query.dtype)
+  key_shape = tuple(int(r.shape[1]) for r in rel_embeddings)
   qg = query.reshape((b, *query_shape, h, dk))
-  letters = "xyz"[:d]
-  total = 0.0
+  total = None
   for a, r in enumerate(rel_embeddings):
-    qa = qg[..., a * p : (a + 1) * p]
-    # (b, q0..qd-1, h, p) x (q_a, k_a, p) -> (b, h, q0..qd-1, k_a)
-    qs = "".join(letters)
-    term = jnp.einsum(f"b{qs}hp,{letters[a]}kp->bh{qs}k", qa, r)
+    others = [1 + i for i in range(d) if i != a]
+    # (q_a, b, other query axes, h, p) rows, one (rows, p) @ (p, Nk_a) product per q_a
+    qa = mm.row_major(qg[..., a * p : (a + 1) * p], (1 + a, 0, *others, d + 1, d + 2))
+    term = mm.bmm(
+      qa.reshape(query_shape[a], -1, p), r.astype(qa.dtype), transpose_b=True, out_dtype=out_dtype
+    )
+    term = term.reshape(query_shape[a], b, *[query_shape[i] for i in range(d) if i != a], h, -1)
+    # back to (b, h, q_0, ..., q_{d-1}, k_a), with singleton axes for the other key axes
+    order = [1, d + 1] + [0 if i == a else (2 + i if i < a else 1 + i) for i in range(d)] + [d + 2]
+    term = jnp.transpose(term, order)
     shape = [b, h, *query_shape] + [1] * d
-    shape[2 + d + a] = r.shape[1]
-    total = total + term.reshape(shape)
-  nk = int(np.prod([r.shape[1] for r in rel_embeddings]))
-  full_shape = (b, h, *query_shape, *[r.shape[1] for r in rel_embeddings])
-  return (jnp.broadcast_to(total, full_shape) * scale).reshape(b, h, nq, nk)
+    shape[2 + d + a] = key_shape[a]
+    term = term.reshape(shape)
+    total = term if total is None else total + term
+  full_shape = (b, h, *query_shape, *key_shape)
+  scaled = jnp.broadcast_to(total, full_shape) * jnp.asarray(scale, out_dtype)
+  return scaled.reshape(b, h, nq, int(np.prod(key_shape)))
 
 
 def transformer_xl_logits(query: Array, key: Array, rel_keys: Array, u: Array, v: Array) -> Array:

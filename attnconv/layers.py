@@ -659,7 +659,7 @@ class MultiHeadRelativeAttention(nn.Module):
           raise ValueError(f"rel_features: expected qk_features / d = {dk // d}, got {width}")
         tables = self._tables(d, kpos, qpos, width)
         rel = enc.relative_embeddings(qpos, kpos, [t.astype(dtype) for t in tables])
-        extra = enc.query_relative_logits(q, q_shape, rel).astype(jnp.float32)
+        extra = enc.query_relative_logits(q, q_shape, rel, out_dtype=jnp.float32)
       if self.encoding == "quadratic_content":
         _, axis_logits = self._position_terms(d, kpos, qpos, width=1)
         extra = enc.combine_axis_logits(axis_logits)[None]
