@@ -501,6 +501,51 @@ def test_query_relative_logits_match_naive(grid, b, h, width):
   np.testing.assert_allclose(got2 * scale, got, rtol=4 * F32_EPS, atol=1e-30)
 
 
+@given(grids(max_size=3), st.integers(1, 3), st.integers(1, 2), st.integers(1, 4))
+def test_query_relative_logits_bfloat16_accumulate_in_float32(grid, b, h, width):
+  """bfloat16 queries and tables (the bf16 fast path on the CPU) with float32 scores: the
+  products of bfloat16 numbers are exact in float32, so the scores are within the float32
+  accumulation bound of the float64 result at the same (rounded) inputs -- the query is not
+  rounded a second time; also the gradient of the query matches autodiff of the float64 einsum
+  within one bfloat16 rounding plus the accumulation."""
+  qpos, kpos = grid
+  d = len(qpos)
+  q_shape = tuple(len(q) for q in qpos)
+  nq = int(np.prod(q_shape))
+  rng = np.random.default_rng(b * 100 + h * 10 + width)
+  tables = [jnp.asarray(t, jnp.bfloat16) for t in _tables(rng, qpos, kpos, width)]
+  query = jnp.asarray(rng.normal(size=(b, nq, h, d * width)), jnp.bfloat16)
+  nk = int(np.prod([len(k) for k in kpos]))
+  cot = rng.normal(size=(b, h, nq, nk))
+
+  def scores(qu, t):
+    rel = enc.relative_embeddings(qpos, kpos, t)
+    out = enc.query_relative_logits(qu, q_shape, rel, out_dtype=jnp.float32)
+    return out, jax.grad(
+      lambda q: jnp.vdot(
+        enc.query_relative_logits(q, q_shape, rel, out_dtype=jnp.float32),
+        jnp.asarray(cot, jnp.float32),
+      )
+    )(qu)
+
+  got, grad = run(scores, query, tables)
+  assert got.dtype == np.float32 and grad.dtype == jnp.bfloat16
+  r = _full_relative_embeddings(qpos, kpos, [np.asarray(t, np.float32) for t in tables])
+  q64 = np.asarray(query.astype(jnp.float32), np.float64)
+  scale = 1.0 / np.sqrt(d * width)
+  want = np.einsum("bqhp,qkp->bhqk", q64, r) * scale
+  absw = np.einsum("bqhp,qkp->bhqk", np.abs(q64), np.abs(r)) * scale
+  np.testing.assert_array_less(np.abs(got - want), 2 * (d * width + 2) * F32_EPS * absw + 1e-30)
+  want_g = np.einsum("bhqk,qkp->bqhp", cot, r) * scale
+  abs_g = np.einsum("bhqk,qkp->bqhp", np.abs(cot), np.abs(r)) * scale
+  bf16_eps = float(jnp.finfo(jnp.bfloat16).eps)
+  err = np.abs(np.asarray(grad.astype(jnp.float32), np.float64) - want_g)
+  # the cotangent is rounded to bfloat16 first (eps/2 relative on every term), then one rounding
+  np.testing.assert_array_less(
+    err, bf16_eps / 2 * (np.abs(want_g) + abs_g) + 4 * (nk + 2) * F32_EPS * abs_g + 1e-30
+  )
+
+
 # ----------------------------------------------------------------------------------------------
 # invalid arguments
 # ----------------------------------------------------------------------------------------------
