@@ -187,3 +187,28 @@ def test_combine_rounds_takes_the_median_round_and_the_largest_memory():
   assert even["images_per_second"] == 6.0  # the lower median of an even count
   failed = train_throughput.combine_rounds([{"error": "a"}, {"error": "b"}])
   assert failed == {"error": "a"}
+
+
+def test_compare_commits_extracts_a_renamed_package(tmp_path):
+  from experiments.benchmarks import compare_commits
+
+  path = compare_commits.extract_package("HEAD", "attnconv_x", str(tmp_path))
+  with open(f"{path}/layers.py") as f:
+    text = f.read()
+  assert "from attnconv_x import matmul as mm" in text
+  assert "from attnconv import" not in text and "import attnconv." not in text
+
+
+def test_compare_commits_tiny_same_code_same_losses(tmp_path):
+  """Two copies of the working tree: interleaved steps, and identical programs give identical
+  losses (the comparison's sanity check)."""
+  from experiments.benchmarks import compare_commits
+
+  small = {"num_layers": 1, "hidden_size": 8, "num_heads": 2, "mlp_dim": 8}
+  rows = compare_commits.compare(
+    [".", "."], batch=2, dtype="float32", repeats=2, warmup=1, model_kwargs=small
+  )
+  assert [r["commit"] for r in rows] == [".", "."]
+  assert all(len(r["step_s_all"]) == 2 and r["images_per_second"] > 0 for r in rows)
+  assert rows[0]["losses"] == rows[1]["losses"]
+  assert rows[0]["speedup_vs_first"] == 1.0
