@@ -451,11 +451,13 @@ def _project_heads(heads: list[Array], kernel: Array, nq: int, b: int, precision
 
 
 def aggregate_project(probs: Array, values: Array, kernel: Array, *, precision=None) -> Array:
-  """``sum_h (P_h V) W_h`` for position-only probabilities, head by head.
+  """``sum_h (P_h V) W_h`` for position-only (batch-free) probabilities, as two large products.
 
-  Equal to ``einsum('bqhc,hcd->bqd', aggregate(probs, values), kernel)`` but never forms the
-  ``(B, Nq, H, C)`` tensor: each head contracts the keys of a ``(Nk, B * C)`` view with one matmul
-  and is projected at once, so the working set is one head's ``(Nq, B, C)``.
+  Equal to ``einsum('bqhc,hcd->bqd', aggregate(probs, values), kernel)``: all heads aggregate in
+  one ``(H Nq, Nk) @ (Nk, B C)`` product, whose ``(H, Nq B, C)`` result is moved to ``(Nq B, H C)``
+  rows (on the CPU in bfloat16, in the same pass that rounds the float32 product) and projected
+  by one ``(Nq B, H C) @ (H C, D)`` product. (Per-head products concatenated had XLA:CPU round
+  through float32 around the concatenation and its gradient's split.)
 
   Args:
     probs: ``(H, Nq, Nk)`` position-only probabilities.
