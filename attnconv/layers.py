@@ -76,6 +76,15 @@ def spread_init(std: float = 0.01) -> Initializer:
   return init
 
 
+def _affine(x: Array, kernel: Array, bias: Array | None, dtype, precision) -> Array:
+  """``x @ kernel (+ bias)`` over ``x``'s last axis and ``kernel``'s first, in the promoted
+  ``dtype``: the product through :func:`attnconv.matmul.dot_general`, the bias through
+  :func:`attnconv.matmul.add_bias` (:class:`Dense`, :class:`DenseHeads`)."""
+  x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=dtype)
+  y = mm.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
+  return y if bias is None else mm.add_bias(y, bias)
+
+
 class Dropout(nn.Module):
   """``flax.linen.Dropout`` with the same fields, call signature, key and output, bit for bit;
   the mask comes from :func:`attnconv.rng.bernoulli` (one fused pass instead of JAX's rolled
@@ -140,9 +149,7 @@ class Dense(nn.Module):
     bias = None
     if self.use_bias:
       bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    y = mm.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=self.precision)
-    return y if bias is None else mm.add_bias(y, bias)
+    return _affine(x, kernel, bias, self.dtype, self.precision)
 
 
 class LayerNorm(nn.Module):
@@ -204,9 +211,7 @@ class DenseHeads(nn.Module):
         (h, dh),
         self.param_dtype,
       )
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    y = mm.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=self.precision)
-    return y if bias is None else mm.add_bias(y, bias)
+    return _affine(x, kernel, bias, self.dtype, self.precision)
 
 
 class MultiHeadRelativeAttention(nn.Module):

@@ -58,7 +58,7 @@ def layer_norm(x: Array, scale: Array, bias: Array, *, epsilon: float = 1e-6, dt
     if p.shape != (d,):
       raise ValueError(f"{name}: expected shape ({d},) for x of shape {x.shape}, got {p.shape}")
   dtype = jnp.dtype(dtype or x.dtype)
-  if jnp.dtype(x.dtype) in mm.LOW_PRECISION and jax.default_backend() == "cpu":
+  if mm.low_precision_cpu(x):
     return _layer_norm(x, scale, bias, epsilon, dtype)
   return _normalize(x, scale, bias, epsilon, dtype)
 
@@ -84,10 +84,7 @@ def _layer_norm_bwd(epsilon, dtype, res, g):
   c1 = jnp.mean(g_hat, axis=-1, keepdims=True)
   c2 = jnp.mean(g_hat * x_hat, axis=-1, keepdims=True)
   dx = (rstd * (g_hat - c1 - x_hat * c2)).astype(x.dtype)
-  rows = tuple(range(x.ndim - 1))
-  # barriers: keep the column sums vectorised reductions (see matmul.add_bias)
-  dscale = lax.optimization_barrier(jnp.sum(gf * x_hat, axis=rows))
-  dbias = lax.optimization_barrier(jnp.sum(gf, axis=rows))
+  dscale, dbias = mm.leading_sum(gf * x_hat, 1), mm.leading_sum(gf, 1)
   return dx, dscale.astype(scale.dtype), dbias.astype(bias.dtype)
 
 
