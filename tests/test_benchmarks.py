@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import jax
@@ -59,14 +60,62 @@ def test_report_table():
       "memory_over_reference": 0.28,
       "xla_step_flops": 2.74e12,
       "achieved_tflops": 0.219,
+      "allocator": "tcmalloc",
+      "page_faults_per_step": 2560.0,
     },
     {"model": "paper_learned", "batch": 8, "dtype": "float32"},
   ]
   table = report.rows_table(rows).splitlines()
   assert table[2] == (
-    "| paper_quadratic | 100 | bfloat16 | 4 × 25 | 8.00 | 2.22× | 2.00 (1.50) | 0.28 | 27.4 | 219 |"
+    "| paper_quadratic | 100 | bfloat16 | 4 × 25 | tcmalloc | 8.00 | 2.22× | 2.00 (1.50) | 0.28 "
+    "| 27.4 | 219 | 10 |"
   )
   assert "failed" in table[3]
+  assert table[0].count("|") == table[2].count("|") == table[3].count("|")
+
+
+def test_allocator_env():
+  base = {"PATH": "/bin", "LD_PRELOAD": "libfoo.so", "GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}
+  assert common.allocator_env("system", base) == base
+  thp = common.allocator_env("thp", base)
+  assert thp["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+  assert common.allocator_env("thp", {})["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+  with pytest.raises(ValueError, match="allocator: expected one of"):
+    common.allocator_env("jemalloc", base)
+  assert base["LD_PRELOAD"] == "libfoo.so"  # the given environment is not modified
+
+
+def test_allocator_env_tcmalloc(monkeypatch):
+  monkeypatch.setattr(common, "find_tcmalloc", lambda: "libtcmalloc_minimal.so.4")
+  env = common.allocator_env("tcmalloc", {"LD_PRELOAD": "libfoo.so"})
+  assert env["LD_PRELOAD"] == "libtcmalloc_minimal.so.4 libfoo.so"
+  assert common.allocator_env("tcmalloc", {})["LD_PRELOAD"] == "libtcmalloc_minimal.so.4"
+  monkeypatch.setattr(common, "find_tcmalloc", lambda: None)
+  with pytest.raises(FileNotFoundError, match="libtcmalloc-minimal4"):
+    common.allocator_env("tcmalloc", {})
+
+
+def test_child_reports_page_faults_under_the_requested_allocator(monkeypatch):
+  # The child's environment is the allocator's: a 'thp' child sees the glibc tunable.
+  seen = {}
+
+  def fake_run(cmd, **kw):
+    seen["env"] = kw["env"]
+
+    class P:
+      stdout = 'RESULT={"images_per_second": 1.0, "page_faults_per_step": 3.0}\nPEAK_KB=1048576'
+      stderr = ""
+
+    return P()
+
+  monkeypatch.setattr(train_throughput.subprocess, "run", fake_run)
+  args = argparse.Namespace(remat=False, steps=1, timeout=10)
+  row = train_throughput._run_child(
+    "paper_quadratic", "attention_net", {}, 8, "bfloat16", 1, False, "thp", args
+  )
+  assert "glibc.malloc.hugetlb=1" in seen["env"]["GLIBC_TUNABLES"]
+  assert row["allocator"] == "thp" and row["page_faults_per_step"] == 3.0
+  assert row["host_peak_gib"] == 1.0
 
 
 def test_positional_scaling_tiny(tmp_path):

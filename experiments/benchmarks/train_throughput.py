@@ -61,7 +61,7 @@ CIFAR_TRAIN_IMAGES_PER_EPOCH = 45_000  # 50,000 minus the 5,000-image validation
 PAPER_EPOCHS = 300
 
 _CHILD = r"""
-import json, sys, time, statistics
+import json, resource, sys, time, statistics
 import jax, jax.numpy as jnp, optax
 from attnconv.models import build_model, count_params
 from experiments.accumulation import accumulated_value_and_grad  # jax only (as experiments.train)
@@ -115,10 +115,12 @@ rng = jax.random.key(3)
 for _ in range(2):
   params, opt, state, l = step(params, opt, state, x, y, rng); l.block_until_ready()
 times = []
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(steps):
   t = time.perf_counter()
   params, opt, state, l = step(params, opt, state, x, y, rng); l.block_until_ready()
   times.append(time.perf_counter() - t)
+faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps
 med = statistics.median(times)
 dev = jax.devices()[0]
 peak = None
@@ -131,7 +133,8 @@ print("RESULT=" + json.dumps({"images_per_second": batch / med, "step_s": med,
       "params": count_params(params), "xla_fwd_macs_per_image": flops / 2,
       "xla_step_flops": step_flops, "achieved_tflops": step_flops / med / 1e12,
       "xla_step_buffers_gib": None if xla_bytes is None else xla_bytes / 2**30,
-      "device_peak_gib": peak, "device": dev.device_kind, "platform": dev.platform}))
+      "device_peak_gib": peak, "device": dev.device_kind, "platform": dev.platform,
+      "page_faults_per_step": faults}))
 """
 
 
@@ -198,7 +201,7 @@ def combine_rounds(runs: list[dict]) -> dict:
   return row
 
 
-def _run_child(name, model, kwargs, batch, dtype, micro, unroll, args) -> dict:
+def _run_child(name, model, kwargs, batch, dtype, micro, unroll, allocator, args) -> dict:
   payload = json.dumps([model, kwargs, batch, dtype, args.remat, args.steps, micro, unroll])
   wrapper = _CHILD + (
     "\nimport resource\nprint('PEAK_KB=%d' % resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
@@ -210,6 +213,7 @@ def _run_child(name, model, kwargs, batch, dtype, micro, unroll, args) -> dict:
       text=True,
       timeout=args.timeout,
       check=False,
+      env=common.allocator_env(allocator),
     )
     out = proc.stdout
   except subprocess.TimeoutExpired:
@@ -221,6 +225,7 @@ def _run_child(name, model, kwargs, batch, dtype, micro, unroll, args) -> dict:
     "remat": args.remat,
     "microbatches": micro,
     "unroll_microbatches": unroll,
+    "allocator": allocator,
   }
   for line in out.splitlines():
     if line.startswith("RESULT="):
@@ -249,6 +254,13 @@ def main(argv=None) -> None:
     action="store_true",
     help="unroll the accumulation loop (fast convolutions on XLA:CPU; more memory)",
   )
+  p.add_argument(
+    "--allocators",
+    default="system",
+    help="comma-separated host allocators of the child processes, each configuration run under "
+    "each in turn: system, tcmalloc (LD_PRELOAD; apt-get install libtcmalloc-minimal4), thp "
+    "(glibc.malloc.hugetlb=1); see common.allocator_env",
+  )
   p.add_argument("--steps", type=int, default=5)
   p.add_argument(
     "--rounds",
@@ -266,7 +278,9 @@ def main(argv=None) -> None:
       for batch in [int(b) for b in args.batches.split(",")]:
         micro = args.microbatches if batch % args.microbatches == 0 else 1
         unroll = bool(args.unroll_microbatches and micro > 1)
-        configs.append((name, model, kwargs, batch, dtype, micro, unroll))
+        for allocator in args.allocators.split(","):
+          common.allocator_env(allocator)  # fail before the sweep on a bad or missing allocator
+          configs.append((name, model, kwargs, batch, dtype, micro, unroll, allocator))
   # Rounds sweep all configurations in turn: a slow period of a shared machine (seconds to
   # minutes) then falls into one round of a configuration rather than into all of its steps.
   runs: list[list[dict]] = [[] for _ in configs]
@@ -304,10 +318,12 @@ def main(argv=None) -> None:
         "batch",
         "dtype",
         "microbatches",
+        "allocator",
         "images_per_second",
         "x_reference",
         "host_peak_gib",
         "xla_step_buffers_gib",
+        "page_faults_per_step",
         "device_peak_gib",
         "achieved_tflops",
         "params",
