@@ -203,9 +203,7 @@ def combine_rounds(runs: list[dict]) -> dict:
 
 def _run_child(name, model, kwargs, batch, dtype, micro, unroll, allocator, args) -> dict:
   payload = json.dumps([model, kwargs, batch, dtype, args.remat, args.steps, micro, unroll])
-  wrapper = _CHILD + (
-    "\nimport resource\nprint('PEAK_KB=%d' % resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
-  )
+  wrapper = _CHILD + "\nprint('PEAK_KB=%d' % resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
   try:
     proc = subprocess.run(
       [sys.executable, "-c", wrapper, payload],
@@ -271,6 +269,9 @@ def main(argv=None) -> None:
   p.add_argument("--timeout", type=float, default=1800)
   p.add_argument("--out", default="experiments/results/bench_train_cpu.json")
   args = p.parse_args(argv)
+  allocators = args.allocators.split(",")
+  for allocator in allocators:
+    common.allocator_env(allocator)  # fail before the sweep on a bad or missing allocator
   configs = []
   for name in args.models.split(","):
     model, kwargs = MODELS[name]
@@ -278,8 +279,7 @@ def main(argv=None) -> None:
       for batch in [int(b) for b in args.batches.split(",")]:
         micro = args.microbatches if batch % args.microbatches == 0 else 1
         unroll = bool(args.unroll_microbatches and micro > 1)
-        for allocator in args.allocators.split(","):
-          common.allocator_env(allocator)  # fail before the sweep on a bad or missing allocator
+        for allocator in allocators:
           configs.append((name, model, kwargs, batch, dtype, micro, unroll, allocator))
   # Rounds sweep all configurations in turn: a slow period of a shared machine (seconds to
   # minutes) then falls into one round of a configuration rather than into all of its steps.
