@@ -1,6 +1,8 @@
 """``attnconv.rng``: Bernoulli masks bit for bit equal to ``jax.random``, and the Dropout layer
 bit for bit equal to ``flax.linen.Dropout``."""
 
+import functools
+
 import chex
 import flax.linen as nn
 import jax
@@ -50,6 +52,8 @@ def test_bernoulli_equals_jax_random_bernoulli(shape, seed, p, typed):
   for got in (
     rng.bernoulli(key, p, shape),
     jax.jit(rng.bernoulli, static_argnums=2)(key, p, shape),
+    rng.bernoulli(key, p, shape, materialize=True),
+    jax.jit(functools.partial(rng.bernoulli, materialize=True), static_argnums=2)(key, p, shape),
   ):
     chex.assert_trees_all_equal_shapes_and_dtypes(got, want)
     np.testing.assert_array_equal(got, want)
@@ -58,10 +62,24 @@ def test_bernoulli_equals_jax_random_bernoulli(shape, seed, p, typed):
 def test_bernoulli_at_the_paper_shapes():
   """Hidden-dropout and shared attention-dropout masks of the paper model (batch 25)."""
   key = jax.random.fold_in(jax.random.key(42), 7)
-  for shape in [(25, 16, 16, 400), (9, 256, 256)]:
-    np.testing.assert_array_equal(
-      rng.bernoulli(key, 0.9, shape), jax.random.bernoulli(key, 0.9, shape)
-    )
+  for shape in [(25, 16, 16, 400), (9, 256, 256), (8, 9, 256, 256)]:
+    want = jax.random.bernoulli(key, 0.9, shape)
+    np.testing.assert_array_equal(rng.bernoulli(key, 0.9, shape), want)
+    np.testing.assert_array_equal(rng.bernoulli(key, 0.9, shape, materialize=True), want)
+
+
+def test_materialized_mask_is_a_loop_the_consumer_cannot_fuse():
+  """``materialize=True`` hashes inside a loop over rows (one stored mask); the default fuses."""
+  key = jax.random.key(1)
+  probs = jnp.ones((3, 4, 5), jnp.float32)
+
+  def masked(materialize):
+    keep = rng.bernoulli(key, 0.9, (2, 3, 4, 5), materialize=materialize)
+    return jnp.where(keep, probs[None], 0.0)
+
+  hlo = lambda m: jax.jit(masked, static_argnums=0).lower(m).compile().as_text()  # noqa: E731
+  assert "while" in hlo(True) and "while" not in hlo(False)
+  np.testing.assert_array_equal(masked(True), masked(False))
 
 
 @pytest.mark.parametrize(
