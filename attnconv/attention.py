@@ -175,6 +175,11 @@ def dropout_probs(rng: Array, probs: Array, rate: float, batch_size: int | None)
   (B times fewer random bits, and the probabilities keep no batch axis, so the fused
   aggregation still applies).
 
+  The mask is stored once (``rng.bernoulli(..., materialize=True)``): fused into the select that
+  broadcasts the probabilities (or multiplies per-axis factors) LLVM left the hash unvectorised,
+  and the forward and backward passes each recomputed it. Side by side at batch 8
+  (``compare_commits``): paper quadratic 1.4-2.9 % and learned 4.2 % faster per step.
+
   The backward pass keeps only the boolean mask (one byte per entry) and sums the per-example
   cotangents of broadcast probabilities over the batch in float32; left to autodiff, XLA:CPU
   kept the raw 32-bit random words of ``bernoulli`` and re-derived the mask inside a slow
@@ -186,7 +191,7 @@ def dropout_probs(rng: Array, probs: Array, rate: float, batch_size: int | None)
   broadcast = probs.ndim == 3 and batch_size is not None
   if broadcast:
     shape = (batch_size, *shape)
-  keep = rng_lib.bernoulli(rng, 1.0 - rate, shape)
+  keep = rng_lib.bernoulli(rng, 1.0 - rate, shape, materialize=True)
   return _masked(probs, keep, 1.0 - rate, broadcast)
 
 
