@@ -195,8 +195,12 @@ class DenseHeads(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
+    kernel, bias = self._params(x.shape[-1])
+    return _affine(x, kernel, bias, self.dtype, self.precision)
+
+  def _params(self, d_in: int) -> tuple[Array, Array | None]:
+    """``kernel (D_in, H, D_h)`` and ``bias (H, D_h)`` (or None); call from a compact method."""
     h, dh = self.features
-    d_in = x.shape[-1]
     kernel = self.param(
       "kernel",
       lambda rng, shape, dtype: self.kernel_init(rng, (d_in, h * dh), dtype).reshape(shape),
@@ -211,7 +215,18 @@ class DenseHeads(nn.Module):
         (h, dh),
         self.param_dtype,
       )
-    return _affine(x, kernel, bias, self.dtype, self.precision)
+    return kernel, bias
+
+
+class DenseHeadsParams(DenseHeads):
+  """:class:`DenseHeads`'s parameters without the product: ``__call__(d_in)`` returns
+  ``(kernel (D_in, H, D_h), bias (H, D_h) or None)``, created (same names, shapes and
+  initialisation) under this module's name, for layers that use the kernel in another form
+  (:func:`attnconv.encodings.content_logits_folded`)."""
+
+  @nn.compact
+  def __call__(self, d_in: int) -> tuple[Array, Array | None]:  # type: ignore[override]
+    return self._params(int(d_in))
 
 
 class MultiHeadRelativeAttention(nn.Module):
@@ -251,6 +266,13 @@ class MultiHeadRelativeAttention(nn.Module):
       cuDNN's fused attention on GPUs where dtype and shapes allow, XLA otherwise) whenever the
       probabilities themselves are not needed (no attention dropout in training, not sowing) and
       the per-head value size equals ``qk_features`` (as the function requires).
+    fold_key_projection: when the content probabilities are formed explicitly (attention
+      dropout, sowing, or ``use_dot_product_attention=False``), score ``(q_h W_{k,h}^T) . x``
+      instead of ``q_h . (x W_{k,h} + b_{k,h})``
+      (:func:`attnconv.encodings.content_logits_folded`): the same probabilities, as the key
+      bias only adds a per-query constant that the softmax removes (its gradient is then exactly
+      zero), with per-image instead of per-(image, head) score products. The parameters are the
+      same either way (``key/kernel``, ``key/bias``).
     center_init_std: centres are initialised ``N(0, std^2)`` per coordinate (paper: 2).
     spread_init_std: spreads are initialised ``1 + N(0, std^2)`` (paper: 0.01).
     use_bias: bias ``b_out``.
@@ -278,6 +300,7 @@ class MultiHeadRelativeAttention(nn.Module):
   dropout_rate: float = 0.0
   shared_dropout_mask: bool = False
   use_dot_product_attention: bool = True
+  fold_key_projection: bool = True
   center_init_std: float = 2.0
   spread_init_std: float = 0.01
   use_bias: bool = True
@@ -651,7 +674,20 @@ class MultiHeadRelativeAttention(nn.Module):
       else:
         q_in = keys_flat
       q = dense("query")(q_in)
-      k = dense("key")(keys_flat)
+      value_dim = in_features if self.value_features is None else self.value_features
+      fused_dpa = self.use_dot_product_attention and not use_dropout and not sow and value_dim == dk
+      if fused_dpa or not self.fold_key_projection:
+        k = dense("key")(keys_flat)
+      else:
+        key_kernel, _ = DenseHeadsParams(
+          (self.num_heads, dk),
+          dtype=dtype,
+          param_dtype=self.param_dtype,
+          kernel_init=self.kernel_init,
+          bias_init=self.bias_init,
+          precision=self.precision,
+          name="key",
+        )(in_features)
       extra = None  # positional logits added to the content scores
       if self.encoding == "learned_content":
         if dk % d:
@@ -668,8 +704,7 @@ class MultiHeadRelativeAttention(nn.Module):
       if self.encoding == "quadratic_content":
         _, axis_logits = self._position_terms(d, kpos, qpos, width=1)
         extra = enc.combine_axis_logits(axis_logits)[None]
-      value_dim = in_features if self.value_features is None else self.value_features
-      if self.use_dot_product_attention and not use_dropout and not sow and value_dim == dk:
+      if fused_dpa:
         # Fused path: the (B, H, Nq, Nk) probabilities are never returned (flash attention on
         # GPU). Heads share the full input as values unless value_features is set.
         v = values
@@ -679,7 +714,12 @@ class MultiHeadRelativeAttention(nn.Module):
           )
         heads = jax.nn.dot_product_attention(q, k, v.astype(q.dtype), bias=extra)
       else:
-        logits = enc.content_logits(q, k, out_dtype=jnp.float32)
+        if self.fold_key_projection:
+          logits = enc.content_logits_folded(
+            q, keys_flat, key_kernel, out_dtype=jnp.float32, precision=self.precision
+          )
+        else:
+          logits = enc.content_logits(q, k, out_dtype=jnp.float32)
         if extra is not None:
           logits = logits + extra
         probs = attn.softmax(logits)

@@ -430,6 +430,42 @@ def test_content_logits_match_naive(b, nq, nk, h, dk):
   np.testing.assert_array_less(np.abs(got - want), 2 * (dk + 2) * F32_EPS * absw + 1e-30)
 
 
+@given(
+  st.integers(1, 2),
+  st.integers(1, 5),
+  st.integers(1, 5),
+  st.integers(1, 3),
+  st.integers(1, 6),
+  st.integers(1, 6),
+)
+def test_folded_content_logits_equal_projected_keys_up_to_per_query_constant(b, nq, nk, h, dk, c):
+  """``(q W_k^T) . x = q . (x W_k + b_k) - q . b_k``: the removed term is one constant per query
+  (so the softmax over keys is unchanged)."""
+  rng = np.random.default_rng(nq * 31 + nk * 7 + h * 3 + dk + 101 * c)
+  q = rng.normal(size=(b, nq, h, dk)).astype(np.float32)
+  x = rng.normal(size=(b, nk, c)).astype(np.float32)
+  w = rng.normal(size=(c, h, dk)).astype(np.float32)
+  bias = rng.normal(size=(h, dk)).astype(np.float32)
+  got = run(enc.content_logits_folded, q, x, w)
+  chex.assert_shape(got, (b, h, nq, nk))
+  q64, x64, w64, b64 = (a.astype(np.float64) for a in (q, x, w, bias))
+  keys = np.einsum("bkc,chd->bkhd", x64, w64) + b64
+  full = np.einsum("bqhd,bkhd->bhqk", q64, keys) / np.sqrt(dk)
+  constant = np.einsum("bqhd,hd->bhq", q64, b64)[..., None] / np.sqrt(dk)
+  # |error| <= (c + dk + 2) eps times the sum of |terms| of the folded product
+  absw = np.einsum("bqhd,chd,bkc->bhqk", np.abs(q64), np.abs(w64), np.abs(x64)) / np.sqrt(dk)
+  np.testing.assert_array_less(
+    np.abs(got - (full - constant)), 2 * (c + dk + 2) * F32_EPS * absw + 1e-30
+  )
+  # the same probabilities: a logit error of at most delta moves each probability by at most
+  # p (e^(2 delta) - 1) <= 3 delta for delta <= 1/2, plus the float32 softmax's own rounding
+  delta = float((2 * (c + dk + 2) * F32_EPS * absw).max())
+  p_full = jax.nn.softmax(full, axis=-1)
+  np.testing.assert_allclose(
+    jax.nn.softmax(got, axis=-1), p_full, rtol=0, atol=3 * delta + 8 * (nk + 2) * F32_EPS
+  )
+
+
 def _tables(rng, qpos, kpos, width, extra=0):
   need = [
     int(np.max(np.abs(np.asarray(k)[None, :] - np.asarray(q)[:, None]))) + 1 + extra
@@ -634,6 +670,18 @@ Q2 = enc.grid_positions((3, 3))
     (
       lambda: enc.content_logits(jnp.zeros((2, 3, 1, 4)), jnp.zeros((2, 3, 1, 5))),
       r"key: expected batch, heads and dim matching query",
+    ),
+    (
+      lambda: enc.content_logits_folded(
+        jnp.zeros((2, 3, 1, 4)), jnp.zeros((2, 5, 6)), jnp.zeros((6, 2, 4))
+      ),
+      r"key_kernel: expected shape \(6, 1, 4\)",
+    ),
+    (
+      lambda: enc.content_logits_folded(
+        jnp.zeros((2, 3, 4)), jnp.zeros((2, 5, 6)), jnp.zeros((6, 1, 4))
+      ),
+      r"query/inputs/key_kernel: expected ranks 4, 3 and 3",
     ),
     (
       lambda: enc.query_relative_logits(jnp.zeros((1, 3, 1, 3)), (3,), [jnp.zeros((3, 3, 2))]),

@@ -324,6 +324,53 @@ def test_content_attention_is_permutation_equivariant(n, h, c, rnd):
   np.testing.assert_allclose(pp, p[:, :, perm][:, :, :, perm], atol=4 * n * F32_EPS, rtol=0)
 
 
+@layer_settings
+@given(layer_inputs(max_d=2), st.sampled_from(["content", "learned_content", "quadratic_content"]))
+def test_folded_key_projection_equals_projected_keys(inputs, encoding):
+  """``fold_key_projection`` (scores ``(q W_k^T) . x``) against ``q . (x W_k + b_k)``: the same
+  parameters, the same probabilities and outputs, and an exactly zero key-bias gradient.
+
+  Bound: both paths' logits carry at most ``2 (C + D_k + 2) u S`` of rounding, S the largest sum
+  of |terms| of a score; a logit error delta moves a probability by at most 3 delta, and the
+  output by ``N_k`` times that times ``output_scale``, plus the usual aggregation rounding."""
+  x, h = inputs
+  d, c, nk = x.ndim - 2, x.shape[-1], n_keys(x)
+  dk = 2 * d
+  kw = {"qk_features": dk, "use_dot_product_attention": False}
+  folded = MultiHeadRelativeAttention(h, encoding=encoding, **kw)
+  plain = MultiHeadRelativeAttention(h, encoding=encoding, fold_key_projection=False, **kw)
+  variables, y, p = forward(folded, x, key=jax.random.key(3))
+  variables_plain = jax.jit(plain.init)(jax.random.key(3), x)
+  chex.assert_trees_all_equal(variables, variables_plain)  # same parameters, same initialisation
+  # a key bias large enough to matter if it were not a per-query constant
+  variables = flax.core.unfreeze(variables)
+  variables["params"]["key"]["bias"] = variables["params"]["key"]["bias"] + 3.0
+  _, y0, p0 = forward(plain, x, variables)
+  _, y, p = forward(folded, x, variables)
+  prm = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["params"])
+  xf = np.asarray(x, np.float64).reshape(x.shape[0], nk, c)
+  q = np.einsum("bnc,chd->bnhd", xf, prm["query"]["kernel"]) + prm["query"]["bias"]
+  k = np.einsum("bnc,chd->bnhd", xf, prm["key"]["kernel"]) + prm["key"]["bias"]
+  s_plain = np.einsum("bqhd,bkhd->bhqk", np.abs(q), np.abs(k))
+  s_fold = np.einsum("bqhd,chd,bkc->bhqk", np.abs(q), np.abs(prm["key"]["kernel"]), np.abs(xf))
+  delta = 2 * 2 * (c + dk + 2) * F32_EPS * max(s_plain.max(), s_fold.max()) / np.sqrt(dk)
+  p_bound = 3 * delta + 8 * (nk + 2) * F32_EPS
+  np.testing.assert_allclose(p, p0, rtol=0, atol=p_bound)
+  bound = (nk * p_bound + 2 * (nk + h * c + 4) * F32_EPS) * output_scale(variables, x)
+  assert_within(y, y0, bound)
+
+  def key_bias_grad(model):
+    def loss(params):
+      out = model.apply(
+        {"params": params}, x, deterministic=False, rngs={"dropout": dropout_key(0)}
+      )
+      return jnp.sum(out**2)
+
+    return jax.jit(jax.grad(loss))(variables["params"])["key"]["bias"]
+
+  np.testing.assert_array_equal(key_bias_grad(folded.clone(dropout_rate=0.2)), 0.0)
+
+
 # ----------------------------------------------------------------------------------------------
 # implementations
 # ----------------------------------------------------------------------------------------------
@@ -400,6 +447,9 @@ GRAD_CONFIGS = [
   ("learned", {}),
   ("content", {}),
   ("learned_content", {"qk_features": 2}),
+  # explicit probabilities: the key projection folded into the queries
+  ("content", {"use_dot_product_attention": False}),
+  ("learned_content", {"qk_features": 2, "use_dot_product_attention": False}),
 ]
 
 
