@@ -177,8 +177,9 @@ def dropout_probs(rng: Array, probs: Array, rate: float, batch_size: int | None)
 
   The mask is stored once (``rng.bernoulli(..., materialize=True)``): fused into the select that
   broadcasts the probabilities (or multiplies per-axis factors) LLVM left the hash unvectorised,
-  and the forward and backward passes each recomputed it. Side by side at batch 8
-  (``compare_commits``): paper quadratic 1.4-2.9 % and learned 4.2 % faster per step.
+  and the forward and backward passes each recomputed it. Side by side (``compare_commits``,
+  several runs): paper quadratic 0.99-1.03x per step at batch 8 (the pass mostly overlapped a
+  product on the other core), 1.02x at 16; learned 1.02-1.04x at batch 8.
 
   The backward pass keeps only the boolean mask (one byte per entry) and sums the per-example
   cotangents of broadcast probabilities over the batch in float32; left to autodiff, XLA:CPU
