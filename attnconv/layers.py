@@ -653,7 +653,7 @@ class MultiHeadRelativeAttention(nn.Module):
           heads = attn.aggregate(probs, values, precision=self.precision)
     else:
       dk = self.qk_features or in_features
-      dense = lambda name: DenseHeads(  # noqa: E731
+      dense = lambda name, cls=DenseHeads: cls(  # noqa: E731
         (self.num_heads, dk),
         dtype=dtype,
         param_dtype=self.param_dtype,
@@ -674,20 +674,11 @@ class MultiHeadRelativeAttention(nn.Module):
       else:
         q_in = keys_flat
       q = dense("query")(q_in)
-      value_dim = in_features if self.value_features is None else self.value_features
-      fused_dpa = self.use_dot_product_attention and not use_dropout and not sow and value_dim == dk
+      fused_dpa = self.use_dot_product_attention and not use_dropout and not sow and heads_dim == dk
       if fused_dpa or not self.fold_key_projection:
         k = dense("key")(keys_flat)
-      else:
-        key_kernel, _ = DenseHeadsParams(
-          (self.num_heads, dk),
-          dtype=dtype,
-          param_dtype=self.param_dtype,
-          kernel_init=self.kernel_init,
-          bias_init=self.bias_init,
-          precision=self.precision,
-          name="key",
-        )(in_features)
+      else:  # the same key/kernel and key/bias parameters, the kernel used by the folded scores
+        key_kernel, _ = dense("key", DenseHeadsParams)(in_features)
       extra = None  # positional logits added to the content scores
       if self.encoding == "learned_content":
         if dk % d:

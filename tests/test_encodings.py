@@ -405,13 +405,17 @@ def test_transformer_xl_matches_naive(b, nq, nk, h, dk):
 # ----------------------------------------------------------------------------------------------
 
 
-@given(
+# (batch, queries, keys, heads, D_k) of the content-score tests
+content_sizes = (
   st.integers(1, 2),
   st.integers(1, 5),
   st.integers(1, 5),
   st.integers(1, 3),
   st.integers(1, 6),
 )
+
+
+@given(*content_sizes)
 def test_content_logits_match_naive(b, nq, nk, h, dk):
   rng = np.random.default_rng(nq * 31 + nk * 7 + h * 3 + dk)
   q = rng.normal(size=(b, nq, h, dk)).astype(np.float32)
@@ -430,14 +434,7 @@ def test_content_logits_match_naive(b, nq, nk, h, dk):
   np.testing.assert_array_less(np.abs(got - want), 2 * (dk + 2) * F32_EPS * absw + 1e-30)
 
 
-@given(
-  st.integers(1, 2),
-  st.integers(1, 5),
-  st.integers(1, 5),
-  st.integers(1, 3),
-  st.integers(1, 6),
-  st.integers(1, 6),
-)
+@given(*content_sizes, st.integers(1, 6))
 def test_folded_content_logits_equal_projected_keys_up_to_per_query_constant(b, nq, nk, h, dk, c):
   """``(q W_k^T) . x = q . (x W_k + b_k) - q . b_k``: the removed term is one constant per query
   (so the softmax over keys is unchanged)."""
