@@ -70,11 +70,11 @@ def predict(model, variables, dataset, images, batch_size: int = 500):
   import jax
   import numpy as np
 
-  from attnconv import data as data_lib
+  from experiments import input_pipeline
 
   @jax.jit
   def logits_fn(v, x):
-    return model.apply(v, data_lib.normalize(x, dataset.mean, dataset.std), train=False)
+    return model.apply(v, input_pipeline.normalize(x, dataset.mean, dataset.std), train=False)
 
   out = [
     np.asarray(logits_fn(variables, images[i : i + batch_size]))

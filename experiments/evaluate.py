@@ -56,7 +56,8 @@ def evaluate_workdir(
     workdir: run directory (holds ``config.json`` and ``checkpoints/`` or ``best/``).
     which: ``"latest"`` (training checkpoint) or ``"best"`` (best validation accuracy).
     plot: re-draw ``<workdir>/plots``.
-    dataset: optional pre-loaded :class:`attnconv.data.Dataset` (default: from the config).
+    dataset: optional pre-loaded :class:`experiments.input_pipeline.Dataset` (default: from the
+      config).
 
   Returns:
     ``{"step", "which", "val_accuracy", "val_loss", "test_accuracy", "test_loss"}``.

@@ -429,8 +429,8 @@ def plot_workdir(
   Args:
     workdir: the run directory (reads ``metrics.jsonl`` and ``centers.jsonl``).
     model, state, dataset: optional model, a state with ``params`` / ``batch_stats`` and the
-      :class:`attnconv.data.Dataset`; when given and the model sows attention probabilities, the
-      attention figures are drawn (from the first ``num_images`` test images).
+      :class:`experiments.input_pipeline.Dataset`; when given and the model sows attention
+      probabilities, the attention figures are drawn (from the first ``num_images`` test images).
     num_images: test images used for the attention maps.
 
   Returns:
@@ -446,13 +446,13 @@ def plot_workdir(
   if model is not None and state is not None and dataset is not None:
     import jax
 
-    from attnconv import data as data_lib
+    from experiments import input_pipeline
 
     variables = {"params": jax.device_get(state.params)}
     batch_stats = jax.device_get(getattr(state, "batch_stats", {}))
     if batch_stats:
       variables["batch_stats"] = batch_stats
-    images = data_lib.normalize(dataset.test_images[:num_images], dataset.mean, dataset.std)
+    images = input_pipeline.normalize(dataset.test_images[:num_images], dataset.mean, dataset.std)
     maps = compute_attention_maps(model, variables, np.asarray(images))
     if maps:
       written.append(plot_attention_contours(maps, out / "attention_contours.png"))

@@ -85,8 +85,7 @@ def layer_probabilities(workdir: str | os.PathLike, num_images: int = 200) -> tu
   import jax
   import ml_collections
 
-  from attnconv import data as data_lib
-  from experiments import conversion
+  from experiments import conversion, input_pipeline
   from experiments import train as train_lib
 
   workdir = pathlib.Path(workdir)
@@ -94,7 +93,7 @@ def layer_probabilities(workdir: str | os.PathLike, num_images: int = 200) -> tu
   dataset = train_lib.load_dataset_from_config(config)
   model = train_lib._build_model(config, dataset.num_classes)
   variables = conversion.load_best(workdir)
-  images = data_lib.normalize(dataset.test_images[:num_images], dataset.mean, dataset.std)
+  images = input_pipeline.normalize(dataset.test_images[:num_images], dataset.mean, dataset.std)
   _, state = jax.jit(lambda v, x: model.apply(v, x, train=False, mutable=["intermediates"]))(
     variables, images
   )

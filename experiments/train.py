@@ -5,9 +5,10 @@
   or step learning-rate schedule, updated every step.
 * One jitted train step (``jax.jit``, state donated), data parallel over all visible devices: a
   1-D ``jax.sharding.Mesh`` with axis ``"data"``, batch sharded along it, state replicated.
-* Batches are a pure function of ``(seed, step)`` (:func:`attnconv.data.batch_at_step`);
-  augmentation and dropout use ``fold_in(key, step)``. With the train-metric accumulators kept in
-  the state, a run resumed from a checkpoint is bit-identical to an uninterrupted one.
+* Batches are a pure function of ``(seed, step)``
+  (:func:`experiments.input_pipeline.batch_at_step`); augmentation and dropout use
+  ``fold_in(key, step)``. With the train-metric accumulators kept in the state, a run resumed from
+  a checkpoint is bit-identical to an uninterrupted one.
 * Orbax ``CheckpointManager`` in ``<workdir>/checkpoints`` (params, batch_stats, optimizer state,
   step, RNG key, metric accumulators) with automatic resume; the best-validation weights in
   ``<workdir>/best``.
@@ -38,9 +39,9 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from attnconv import data as data_lib
 from attnconv.models import build_model, count_params
 from attnconv.models.conv_init import init_attention_as_convolution
+from experiments import input_pipeline
 from experiments.accumulation import accumulated_value_and_grad
 
 __all__ = [
@@ -94,10 +95,10 @@ def _opt(value: Any, none_if: Any) -> Any:
   return None if value is None or value == none_if else value
 
 
-def load_dataset_from_config(config: ml_collections.ConfigDict) -> data_lib.Dataset:
-  """Loads ``config.dataset`` with :func:`attnconv.data.load_dataset`."""
+def load_dataset_from_config(config: ml_collections.ConfigDict) -> input_pipeline.Dataset:
+  """Loads ``config.dataset`` with :func:`experiments.input_pipeline.load_dataset`."""
   d = config.dataset
-  return data_lib.load_dataset(
+  return input_pipeline.load_dataset(
     d.name,
     data_dir=_opt(d.get("data_dir"), ""),
     manual_dir=_opt(d.get("manual_dir"), ""),
@@ -211,7 +212,7 @@ def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def _make_train_step(
-  model, tx, dataset: data_lib.Dataset, microbatches: int = 1, unroll: bool = False
+  model, tx, dataset: input_pipeline.Dataset, microbatches: int = 1, unroll: bool = False
 ) -> Callable:
   crop_padding, flip = dataset.crop_padding, dataset.flip
   mean, std = dataset.mean, dataset.std
@@ -219,8 +220,8 @@ def _make_train_step(
   def train_step(state: TrainState, images: jax.Array, labels: jax.Array):
     step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     aug_key, dropout_key = jax.random.split(step_key)
-    images = data_lib.augment(aug_key, images, crop_padding=crop_padding, flip=flip)
-    images = data_lib.normalize(images, mean, std)
+    images = input_pipeline.augment(aug_key, images, crop_padding=crop_padding, flip=flip)
+    images = input_pipeline.normalize(images, mean, std)
 
     def loss_fn(params, batch_stats, images, labels, key):
       variables = {"params": params}
@@ -263,14 +264,14 @@ def _make_train_step(
   return train_step
 
 
-def _make_eval_step(model, dataset: data_lib.Dataset) -> Callable:
+def _make_eval_step(model, dataset: input_pipeline.Dataset) -> Callable:
   mean, std = dataset.mean, dataset.std
 
   def eval_step(params, batch_stats, images, labels, mask):
     variables = {"params": params}
     if batch_stats:
       variables["batch_stats"] = batch_stats
-    logits = model.apply(variables, data_lib.normalize(images, mean, std), train=False)
+    logits = model.apply(variables, input_pipeline.normalize(images, mean, std), train=False)
     loss = _cross_entropy(logits, labels)
     correct = (jnp.argmax(logits, -1) == labels) & mask
     return jnp.sum(jnp.where(mask, loss, 0.0)), jnp.sum(correct.astype(jnp.float32))
@@ -293,7 +294,7 @@ def evaluate(
     return {"accuracy": float("nan"), "loss": float("nan")}
   loss_sum, correct_sum = 0.0, 0.0
   sums = []
-  for batch_images, batch_labels, mask in data_lib.eval_batches(images, labels, batch_size):
+  for batch_images, batch_labels, mask in input_pipeline.eval_batches(images, labels, batch_size):
     args = jax.device_put((batch_images, batch_labels, mask), sharding)
     sums.append(eval_step(params, batch_stats, *args))
   for loss, correct in jax.device_get(sums):
@@ -345,7 +346,7 @@ def train_and_evaluate(
   config: ml_collections.ConfigDict,
   workdir: str | os.PathLike,
   *,
-  dataset: data_lib.Dataset | None = None,
+  dataset: input_pipeline.Dataset | None = None,
   init_variables: Any = None,
 ) -> dict[str, Any]:
   """Trains ``config.model`` on ``config.dataset``, resuming from ``workdir`` if possible.
@@ -354,8 +355,8 @@ def train_and_evaluate(
     config: a config from ``experiments/configs`` (fields in
       :func:`experiments.configs.common.base_config`).
     workdir: output directory (created if needed): checkpoints, metrics, summary, plots.
-    dataset: optional pre-loaded :class:`attnconv.data.Dataset` (tests); by default it is loaded
-      from ``config.dataset``.
+    dataset: optional pre-loaded :class:`experiments.input_pipeline.Dataset` (tests); by default
+      it is loaded from ``config.dataset``.
     init_variables: optional ``{'params': ..., 'batch_stats': ...}`` to start from instead of the
       model's initialisation (fine-tuning, e.g. a converted network); their shapes must be the
       model's. Ignored when ``workdir`` has a checkpoint to resume from.
@@ -404,7 +405,7 @@ def train_and_evaluate(
   data_sharding = NamedSharding(mesh, P("data"))
 
   # --- Steps, schedule, model, optimizer. -----------------------------------------------------
-  per_epoch = data_lib.steps_per_epoch(dataset, batch_size)
+  per_epoch = input_pipeline.steps_per_epoch(dataset, batch_size)
   total_steps = num_train_steps(config, per_epoch)
   eval_every = int(config.get("eval_every_steps", -1))
   eval_every = per_epoch if eval_every <= 0 else eval_every
@@ -556,7 +557,7 @@ def train_and_evaluate(
     if 0 <= stop_after <= step:
       stopped_early = True
       break
-    images, labels = data_lib.batch_at_step(dataset, step, batch_size, seed=seed)
+    images, labels = input_pipeline.batch_at_step(dataset, step, batch_size, seed=seed)
     images, labels = jax.device_put((images, labels), data_sharding)
     state, loss = train_step(state, images, labels)
     step += 1

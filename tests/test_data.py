@@ -1,5 +1,6 @@
-"""Tests of attnconv.data: tfds loading (mocked CIFAR-10, tiny IDX Fashion-MNIST), splits,
-deterministic batching, augmentation and normalisation. Nothing here touches the network."""
+"""Tests of experiments.input_pipeline: tfds loading (mocked CIFAR-10, tiny IDX Fashion-MNIST),
+splits, deterministic batching, augmentation and normalisation. Nothing here touches the
+network."""
 
 import gzip
 import os
@@ -13,7 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from attnconv import data
+from experiments import input_pipeline
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
@@ -43,7 +44,7 @@ def _fake_fashion_mnist(directory: pathlib.Path) -> dict[str, np.ndarray]:
   arrays["train_images"][:, 0, 0] = np.arange(NUM_TRAIN)
   arrays["test_images"][:, 0, 0] = np.arange(NUM_TEST)
   directory.mkdir(parents=True, exist_ok=True)
-  for key, filename in data.FASHION_MNIST_FILES.items():
+  for key, filename in input_pipeline.FASHION_MNIST_FILES.items():
     _write_idx(directory / filename, arrays[key])
   return arrays
 
@@ -51,8 +52,8 @@ def _fake_fashion_mnist(directory: pathlib.Path) -> dict[str, np.ndarray]:
 @pytest.fixture
 def no_system_fashion_mnist(monkeypatch, tmp_path):
   """Hides $ATTNCONV_FASHION_MNIST_DIR and the Debian package's directory."""
-  monkeypatch.delenv(data.FASHION_MNIST_ENV_VAR, raising=False)
-  monkeypatch.setattr(data, "FASHION_MNIST_DEFAULT_DIR", str(tmp_path / "no-such-dir"))
+  monkeypatch.delenv(input_pipeline.FASHION_MNIST_ENV_VAR, raising=False)
+  monkeypatch.setattr(input_pipeline, "FASHION_MNIST_DEFAULT_DIR", str(tmp_path / "no-such-dir"))
 
 
 @pytest.fixture(scope="module")
@@ -61,30 +62,32 @@ def fashion(tmp_path_factory):
   root = tmp_path_factory.mktemp("fashion")
   arrays = _fake_fashion_mnist(root / "idx")
   data_dir = root / "tfds"
-  full = data.load_dataset(
+  full = input_pipeline.load_dataset(
     "fashion_mnist", data_dir=os.fspath(data_dir), manual_dir=root / "idx", val_size=0
   )
   return arrays, root / "idx", data_dir, full
 
 
-def _load_fashion(fashion, **kwargs) -> data.Dataset:
+def _load_fashion(fashion, **kwargs) -> input_pipeline.Dataset:
   _, manual_dir, data_dir, _ = fashion
-  return data.load_dataset("fashion_mnist", data_dir=data_dir, manual_dir=manual_dir, **kwargs)
+  return input_pipeline.load_dataset(
+    "fashion_mnist", data_dir=data_dir, manual_dir=manual_dir, **kwargs
+  )
 
 
-def _load_cifar_mock(tmp_path, **kwargs) -> data.Dataset:
+def _load_cifar_mock(tmp_path, **kwargs) -> input_pipeline.Dataset:
   with tfds.testing.mock_data(num_examples=60):
-    return data.load_dataset("cifar10", data_dir=os.fspath(tmp_path / "tfds"), **kwargs)
+    return input_pipeline.load_dataset("cifar10", data_dir=os.fspath(tmp_path / "tfds"), **kwargs)
 
 
-def _synthetic(num_train: int, shape=(4, 4, 1)) -> data.Dataset:
+def _synthetic(num_train: int, shape=(4, 4, 1)) -> input_pipeline.Dataset:
   """A Dataset whose train image i has every pixel equal to i (mod 256)."""
   images = np.broadcast_to(
     (np.arange(num_train) % 256).astype(np.uint8)[:, None, None, None], (num_train, *shape)
   ).copy()
   labels = (np.arange(num_train) % 10).astype(np.int32)
   empty = np.zeros((0, *shape), np.uint8)
-  return data.Dataset(
+  return input_pipeline.Dataset(
     "synthetic", images, labels, empty, labels[:0], empty, labels[:0], 10, (0.5,), (0.5,), 0, False
   )
 
@@ -143,15 +146,15 @@ def test_cifar10_mock_splits_disjoint_deterministic_nested(tmp_path):
 def test_read_idx_roundtrip_and_errors(tmp_path):
   array = np.arange(2 * 3 * 5, dtype=np.uint8).reshape(2, 3, 5)
   _write_idx(tmp_path / "a.gz", array)
-  np.testing.assert_array_equal(data.read_idx(tmp_path / "a.gz"), array)
+  np.testing.assert_array_equal(input_pipeline.read_idx(tmp_path / "a.gz"), array)
   (tmp_path / "raw").write_bytes(gzip.decompress((tmp_path / "a.gz").read_bytes()))
-  np.testing.assert_array_equal(data.read_idx(tmp_path / "raw"), array)
+  np.testing.assert_array_equal(input_pipeline.read_idx(tmp_path / "raw"), array)
   (tmp_path / "bad").write_bytes(b"\x00\x00\x0d\x01\x00\x00\x00\x01\x00\x00\x00\x00")
   with pytest.raises(ValueError, match="unsigned-byte IDX"):
-    data.read_idx(tmp_path / "bad")
+    input_pipeline.read_idx(tmp_path / "bad")
   (tmp_path / "short").write_bytes((tmp_path / "raw").read_bytes()[:-1])
   with pytest.raises(ValueError, match="expected 46"):
-    data.read_idx(tmp_path / "short")
+    input_pipeline.read_idx(tmp_path / "short")
 
 
 def test_fashion_mnist_roundtrip_exact(fashion):
@@ -162,10 +165,10 @@ def test_fashion_mnist_roundtrip_exact(fashion):
   np.testing.assert_array_equal(full.test_labels, arrays["test_labels"])
   assert full.train_images.dtype == np.uint8 and full.train_labels.dtype == np.int32
   assert full.image_shape == (28, 28, 1) and full.num_classes == 10
-  assert full.mean == data.FASHION_MNIST_MEAN == (0.2860,)
-  assert full.std == data.FASHION_MNIST_STD == (0.3530,)
+  assert full.mean == input_pipeline.FASHION_MNIST_MEAN == (0.2860,)
+  assert full.std == input_pipeline.FASHION_MNIST_STD == (0.3530,)
   assert full.crop_padding == 2 and full.flip is True
-  builder = data.fashion_mnist_builder(fashion[2])
+  builder = input_pipeline.fashion_mnist_builder(fashion[2])
   assert builder.name == "fashion_mnist_local" and str(builder.version) == "1.0.0"
   assert builder.is_prepared() and (fashion[2] / "fashion_mnist_local" / "1.0.0").is_dir()
   assert builder.info.features["image"].shape == (28, 28, 1)
@@ -188,38 +191,44 @@ def test_fashion_mnist_splits_stratified_and_nested(fashion):
 def test_fashion_mnist_overrides_and_reuse_without_source(fashion, no_system_fashion_mnist):
   _, _, data_dir, full = fashion
   # Already prepared in data_dir: no source needed any more.
-  ds = data.load_dataset("fashion_mnist", data_dir=data_dir, val_size=0, crop_padding=0, flip=False)
+  ds = input_pipeline.load_dataset(
+    "fashion_mnist", data_dir=data_dir, val_size=0, crop_padding=0, flip=False
+  )
   np.testing.assert_array_equal(ds.train_images, full.train_images)
   assert ds.crop_padding == 0 and ds.flip is False
 
 
 def test_fashion_mnist_env_var(fashion, monkeypatch, tmp_path):
   arrays, manual_dir, _, _ = fashion
-  monkeypatch.setenv(data.FASHION_MNIST_ENV_VAR, os.fspath(manual_dir))
-  assert data.find_fashion_mnist_dir() == manual_dir
-  ds = data.load_dataset("fashion_mnist", data_dir=tmp_path / "tfds", val_size=5)
+  monkeypatch.setenv(input_pipeline.FASHION_MNIST_ENV_VAR, os.fspath(manual_dir))
+  assert input_pipeline.find_fashion_mnist_dir() == manual_dir
+  ds = input_pipeline.load_dataset("fashion_mnist", data_dir=tmp_path / "tfds", val_size=5)
   np.testing.assert_array_equal(ds.test_images[..., 0], arrays["test_images"])
 
 
 def test_fashion_mnist_missing_source_message(tmp_path, no_system_fashion_mnist):
   with pytest.raises(FileNotFoundError, match="apt-get install -y dataset-fashion-mnist") as info:
-    data.load_dataset("fashion_mnist", data_dir=tmp_path / "tfds")
-  assert data.FASHION_MNIST_ENV_VAR in str(info.value) and "manual_dir" in str(info.value)
+    input_pipeline.load_dataset("fashion_mnist", data_dir=tmp_path / "tfds")
+  assert input_pipeline.FASHION_MNIST_ENV_VAR in str(info.value) and "manual_dir" in str(info.value)
   (tmp_path / "empty").mkdir()
   with pytest.raises(FileNotFoundError, match="manual_dir=.*dataset-fashion-mnist"):
-    data.load_dataset("fashion_mnist", data_dir=tmp_path / "tfds", manual_dir=tmp_path / "empty")
+    input_pipeline.load_dataset(
+      "fashion_mnist", data_dir=tmp_path / "tfds", manual_dir=tmp_path / "empty"
+    )
 
 
 @pytest.mark.skipif(
-  not data._has_fashion_mnist_files(pathlib.Path(data.FASHION_MNIST_DEFAULT_DIR)),
+  not input_pipeline._has_fashion_mnist_files(
+    pathlib.Path(input_pipeline.FASHION_MNIST_DEFAULT_DIR)
+  ),
   reason="Debian package dataset-fashion-mnist not installed",
 )
 def test_real_fashion_mnist(request, monkeypatch, tmp_path_factory):
-  monkeypatch.delenv(data.FASHION_MNIST_ENV_VAR, raising=False)
+  monkeypatch.delenv(input_pipeline.FASHION_MNIST_ENV_VAR, raising=False)
   # Prepared once into pytest's cache directory (a few tens of seconds), reused afterwards.
   cache = getattr(request.config, "cache", None)
   data_dir = cache.mkdir("attnconv_tfds") if cache else tmp_path_factory.mktemp("tfds")
-  ds = data.load_dataset("fashion_mnist", data_dir=data_dir, val_size=6000, seed=0)
+  ds = input_pipeline.load_dataset("fashion_mnist", data_dir=data_dir, val_size=6000, seed=0)
   assert ds.num_train == 54000 and ds.val_images.shape == (6000, 28, 28, 1)
   assert ds.test_images.shape == (10000, 28, 28, 1)
   np.testing.assert_array_equal(np.bincount(ds.val_labels), np.full(10, 600))
@@ -234,7 +243,7 @@ def test_real_fashion_mnist(request, monkeypatch, tmp_path_factory):
 
 def test_bad_name():
   with pytest.raises(ValueError, match=r"name: expected one of \('cifar10', 'fashion_mnist'\)"):
-    data.load_dataset("mnist")
+    input_pipeline.load_dataset("mnist")
 
 
 def test_bad_sizes(fashion):
@@ -245,11 +254,11 @@ def test_bad_sizes(fashion):
   with pytest.raises(ValueError, match="val_size: expected fewer than the 30"):
     _load_fashion(fashion, val_size=30)
   with pytest.raises(ValueError, match="val_size"):
-    data.load_dataset("cifar10", val_size=-1)
+    input_pipeline.load_dataset("cifar10", val_size=-1)
   with pytest.raises(ValueError, match="seed"):
-    data.load_dataset("cifar10", seed=-1)
+    input_pipeline.load_dataset("cifar10", seed=-1)
   with pytest.raises(ValueError, match="crop_padding"):
-    data.load_dataset("cifar10", crop_padding=-2)
+    input_pipeline.load_dataset("cifar10", crop_padding=-2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,25 +266,25 @@ def test_bad_sizes(fashion):
 
 
 def test_epoch_permutation_deterministic():
-  p = data.epoch_permutation(100, seed=1, epoch=2)
+  p = input_pipeline.epoch_permutation(100, seed=1, epoch=2)
   assert sorted(p.tolist()) == list(range(100))
-  np.testing.assert_array_equal(p, data.epoch_permutation(100, seed=1, epoch=2))
-  assert not np.array_equal(p, data.epoch_permutation(100, seed=1, epoch=3))
-  assert not np.array_equal(p, data.epoch_permutation(100, seed=2, epoch=2))
+  np.testing.assert_array_equal(p, input_pipeline.epoch_permutation(100, seed=1, epoch=2))
+  assert not np.array_equal(p, input_pipeline.epoch_permutation(100, seed=1, epoch=3))
+  assert not np.array_equal(p, input_pipeline.epoch_permutation(100, seed=2, epoch=2))
   with pytest.raises(ValueError, match="epoch"):
-    data.epoch_permutation(100, seed=1, epoch=-1)
+    input_pipeline.epoch_permutation(100, seed=1, epoch=-1)
 
 
 @pytest.mark.parametrize("num_train,batch_size", [(40, 8), (43, 8)])
 def test_batch_at_step_covers_each_epoch_once(num_train, batch_size):
   ds = _synthetic(num_train)
-  per_epoch = data.steps_per_epoch(ds, batch_size)
+  per_epoch = input_pipeline.steps_per_epoch(ds, batch_size)
   assert per_epoch == num_train // batch_size
   epochs = []
   for epoch in range(2):
     seen = []
     for step in range(epoch * per_epoch, (epoch + 1) * per_epoch):
-      images, labels = data.batch_at_step(ds, step, batch_size, seed=5)
+      images, labels = input_pipeline.batch_at_step(ds, step, batch_size, seed=5)
       assert images.shape == (batch_size, 4, 4, 1) and images.dtype == np.uint8
       np.testing.assert_array_equal(labels, images[:, 0, 0, 0] % 10)
       seen.extend(images[:, 0, 0, 0].tolist())
@@ -286,24 +295,26 @@ def test_batch_at_step_covers_each_epoch_once(num_train, batch_size):
 
 def test_batch_at_step_pure_function_of_seed_and_step():
   ds = _synthetic(50)
-  a = data.batch_at_step(ds, 17, 6, seed=3)
-  data.batch_at_step(ds, 2, 6, seed=9)  # interleaved calls (e.g. a resumed run) change nothing
-  b = data.batch_at_step(ds, 17, 6, seed=3)
+  a = input_pipeline.batch_at_step(ds, 17, 6, seed=3)
+  input_pipeline.batch_at_step(
+    ds, 2, 6, seed=9
+  )  # interleaved calls (e.g. a resumed run) change nothing
+  b = input_pipeline.batch_at_step(ds, 17, 6, seed=3)
   np.testing.assert_array_equal(a[0], b[0])
   np.testing.assert_array_equal(a[1], b[1])
-  assert not np.array_equal(a[0], data.batch_at_step(ds, 17, 6, seed=4)[0])
+  assert not np.array_equal(a[0], input_pipeline.batch_at_step(ds, 17, 6, seed=4)[0])
   with pytest.raises(ValueError, match="batch_size"):
-    data.steps_per_epoch(ds, 51)
+    input_pipeline.steps_per_epoch(ds, 51)
   with pytest.raises(TypeError, match="batch_size"):
-    data.steps_per_epoch(ds, 2.0)
+    input_pipeline.steps_per_epoch(ds, 2.0)
   with pytest.raises(ValueError, match="step"):
-    data.batch_at_step(ds, -1, 6, seed=3)
+    input_pipeline.batch_at_step(ds, -1, 6, seed=3)
 
 
 def test_eval_batches_pads_and_masks():
   images = np.arange(10, dtype=np.uint8)[:, None, None, None] + np.ones((10, 2, 2, 1), np.uint8)
   labels = np.arange(10, dtype=np.int32)
-  batches = list(data.eval_batches(images, labels, 4))
+  batches = list(input_pipeline.eval_batches(images, labels, 4))
   assert len(batches) == 3
   for batch_images, batch_labels, mask in batches:
     assert batch_images.shape == (4, 2, 2, 1) and batch_labels.shape == mask.shape == (4,)
@@ -312,11 +323,11 @@ def test_eval_batches_pads_and_masks():
   real = np.concatenate([b[0][b[2]] for b in batches])
   np.testing.assert_array_equal(real, images)
   np.testing.assert_array_equal(np.concatenate([b[1][b[2]] for b in batches]), labels)
-  assert list(data.eval_batches(images[:0], labels[:0], 4)) == []
+  assert list(input_pipeline.eval_batches(images[:0], labels[:0], 4)) == []
   with pytest.raises(ValueError, match="batch_size"):
-    list(data.eval_batches(images, labels, 0))
+    list(input_pipeline.eval_batches(images, labels, 0))
   with pytest.raises(ValueError, match="labels"):
-    list(data.eval_batches(images, labels[:3], 4))
+    list(input_pipeline.eval_batches(images, labels[:3], 4))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,7 +351,7 @@ def test_apply_crop_flip_matches_numpy_reference(p, batch, seed):
   images = rng.integers(0, 256, (batch, 5, 6, 2), dtype=np.uint8)
   offsets = rng.integers(0, 2 * p + 1, (batch, 2))
   flips = rng.random(batch) < 0.5
-  out = data.apply_crop_flip(
+  out = input_pipeline.apply_crop_flip(
     jnp.asarray(images), jnp.asarray(offsets), jnp.asarray(flips), crop_padding=p
   )
   assert out.dtype == jnp.uint8
@@ -349,9 +360,13 @@ def test_apply_crop_flip_matches_numpy_reference(p, batch, seed):
 
 def test_apply_crop_flip_identity_and_shift():
   images = jnp.arange(2 * 4 * 4 * 1, dtype=jnp.float32).reshape(2, 4, 4, 1) + 1
-  centred = data.apply_crop_flip(images, jnp.full((2, 2), 2), jnp.zeros(2, bool), crop_padding=2)
+  centred = input_pipeline.apply_crop_flip(
+    images, jnp.full((2, 2), 2), jnp.zeros(2, bool), crop_padding=2
+  )
   np.testing.assert_array_equal(centred, images)
-  shifted = data.apply_crop_flip(images, jnp.zeros((2, 2), int), jnp.zeros(2, bool), crop_padding=1)
+  shifted = input_pipeline.apply_crop_flip(
+    images, jnp.zeros((2, 2), int), jnp.zeros(2, bool), crop_padding=1
+  )
   np.testing.assert_array_equal(shifted[:, 1:, 1:], images[:, :-1, :-1])
   np.testing.assert_array_equal(shifted[:, 0], 0)
   np.testing.assert_array_equal(shifted[:, :, 0], 0)
@@ -360,21 +375,23 @@ def test_apply_crop_flip_identity_and_shift():
 @pytest.mark.parametrize("dtype", [jnp.uint8, jnp.float32])
 def test_augment_flip_only_is_exact(dtype):
   images = jax.random.randint(jax.random.key(1), (64, 6, 5, 3), 0, 256).astype(dtype)
-  out = data.augment(jax.random.key(2), images, crop_padding=0, flip=True)
+  out = input_pipeline.augment(jax.random.key(2), images, crop_padding=0, flip=True)
   assert out.shape == images.shape and out.dtype == images.dtype
   same = jnp.all(out == images, axis=(1, 2, 3))
   flipped = jnp.all(out == images[:, :, ::-1], axis=(1, 2, 3))
   assert bool(jnp.all(same | flipped))
   assert 0 < int(flipped.sum()) < 64  # independent per image
   assert bool(
-    jnp.all(data.augment(jax.random.key(2), images, crop_padding=0, flip=False) == images)
+    jnp.all(input_pipeline.augment(jax.random.key(2), images, crop_padding=0, flip=False) == images)
   )
 
 
 def test_augment_crop_is_a_shift_and_deterministic():
   p = 2
   images = np.asarray(jax.random.randint(jax.random.key(3), (16, 8, 8, 1), 1, 256), np.uint8)
-  out = np.asarray(data.augment(jax.random.key(4), jnp.asarray(images), crop_padding=p, flip=False))
+  out = np.asarray(
+    input_pipeline.augment(jax.random.key(4), jnp.asarray(images), crop_padding=p, flip=False)
+  )
   assert out.dtype == np.uint8 and out.shape == images.shape
   offsets_used = set()
   for b in range(16):
@@ -389,23 +406,25 @@ def test_augment_crop_is_a_shift_and_deterministic():
     assert len(matches) == 1
     offsets_used.update(matches)
   assert len(offsets_used) > 1
-  again = data.augment(jax.random.key(4), jnp.asarray(images), crop_padding=p, flip=False)
+  again = input_pipeline.augment(jax.random.key(4), jnp.asarray(images), crop_padding=p, flip=False)
   np.testing.assert_array_equal(out, again)
-  other = data.augment(jax.random.key(5), jnp.asarray(images), crop_padding=p, flip=False)
+  other = input_pipeline.augment(jax.random.key(5), jnp.asarray(images), crop_padding=p, flip=False)
   assert not np.array_equal(out, other)
   with pytest.raises(ValueError, match="images"):
-    data.augment(jax.random.key(0), jnp.zeros((8, 8, 1)), crop_padding=1, flip=True)
+    input_pipeline.augment(jax.random.key(0), jnp.zeros((8, 8, 1)), crop_padding=1, flip=True)
 
 
 def test_normalize_values():
   images = jnp.array([0, 255, 51], jnp.uint8).reshape(1, 1, 1, 3)
   mean, std = (0.5, 0.25, 0.2), (0.5, 0.25, 0.1)
-  out = data.normalize(images, mean, std)
+  out = input_pipeline.normalize(images, mean, std)
   assert out.dtype == jnp.float32 and out.shape == (1, 1, 1, 3)
   np.testing.assert_allclose(np.asarray(out).ravel(), [-1.0, 3.0, 0.0], atol=1e-6)
-  grey = data.normalize(
-    jnp.full((2, 3, 3, 1), 255, jnp.uint8), data.FASHION_MNIST_MEAN, data.FASHION_MNIST_STD
+  grey = input_pipeline.normalize(
+    jnp.full((2, 3, 3, 1), 255, jnp.uint8),
+    input_pipeline.FASHION_MNIST_MEAN,
+    input_pipeline.FASHION_MNIST_STD,
   )
   np.testing.assert_allclose(grey, (1 - 0.2860) / 0.3530, rtol=1e-6)
   with pytest.raises(ValueError, match="mean"):
-    data.normalize(images, (0.5, 0.5), std)
+    input_pipeline.normalize(images, (0.5, 0.5), std)

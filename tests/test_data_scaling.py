@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from attnconv.data import Dataset
 from experiments import data_scaling
 from experiments import train as train_lib
 from experiments.configs import data_scaling as grid_config
+from experiments.input_pipeline import Dataset
 
 
 def _synthetic(train_size: int) -> Dataset:

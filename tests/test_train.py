@@ -12,9 +12,9 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from attnconv.data import Dataset
 from experiments import train as train_lib
 from experiments.configs import common
+from experiments.input_pipeline import Dataset
 
 
 def _synthetic_dataset(hw: int = 8, channels: int = 1) -> Dataset:

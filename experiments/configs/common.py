@@ -5,9 +5,10 @@ command line works for any experiment. Experiment files start from :func:`base_c
 what differs.
 
 Fields:
-  dataset.name: ``"cifar10"`` or ``"fashion_mnist"`` (see :func:`attnconv.data.load_dataset`).
+  dataset.name: ``"cifar10"`` or ``"fashion_mnist"`` (see
+    :func:`experiments.input_pipeline.load_dataset`).
   dataset.data_dir, dataset.manual_dir: tfds data directory / Fashion-MNIST IDX directory
-    (empty string: the library default).
+    (empty string: the input pipeline's default).
   dataset.val_size: validation examples carved from the official train split (model selection).
   dataset.train_size: keep this many training examples (-1: all).
   dataset.crop_padding, dataset.flip: augmentation (-1 / None: the dataset default).
