@@ -51,26 +51,6 @@ def test_dropout_probs_shared_shape_and_scaling():
 
 
 @pytest.mark.parametrize(
-  "name, shared",
-  [
-    ("paper_quadratic", True),
-    ("paper_generalized", True),
-    ("paper_many_heads", True),
-    ("paper_learned", False),
-    ("paper_learned_content", False),
-    ("fashion_paper_quadratic", True),
-    ("fashion_paper_learned", False),
-  ],
-)
-def test_paper_configs_share_the_mask_as_the_authors(name, shared):
-  """The authors' Gaussian attention shares one dropout mask by the batch; learned does not."""
-  import importlib
-
-  config = importlib.import_module(f"experiments.configs.{name}").get_config()
-  assert config.model.shared_dropout_mask is shared
-
-
-@pytest.mark.parametrize(
   "batch_size, probs_shape", [(3, (2, 4, 5)), (None, (2, 4, 5)), (3, (3, 2, 4, 5))]
 )
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

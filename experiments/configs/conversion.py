@@ -23,6 +23,7 @@ Writes ``<workdir>/conversion.json`` (and ``--out``, default
 them the content stage). Expected result (measured): CNN 0.8917 test; as hard attention 0.8917
 with 0 of 10,000 predictions changed; fine-tuned 2 epochs: CNN 0.8956, free attention 0.8947;
 content (1 epoch) 0.8924 (README, "Conversion").
+``conversion.py:smoke`` runs a few steps of every stage (tests).
 """
 
 from __future__ import annotations
@@ -33,7 +34,11 @@ from experiments.configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """``arg="smoke"``: a few steps of every stage (tests)."""
+  """The conversion experiment's config; ``arg="smoke"``: a few steps of every stage (tests).
+
+  Raises:
+    ValueError: if ``arg`` is neither ``None`` nor ``"smoke"``.
+  """
   if arg not in (None, "", "smoke"):
     raise ValueError(f"arg: expected None or 'smoke', got {arg!r}")
   config = common.base_config()

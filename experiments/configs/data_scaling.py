@@ -10,6 +10,8 @@ CIFAR-10 (online users; tfds downloads it)::
   python -m experiments.data_scaling --config=experiments/configs/data_scaling.py:cifar10 \
     --workdir=runs/data_scaling_cifar10
 
+``data_scaling.py:smoke`` (or ``:cifar10,smoke``) is a tiny grid: 2 sizes, 1 seed, 4 steps.
+
 One run per (model, training-set size, seed); every run takes the same number of optimisation
 steps (``num_train_steps``) whatever its training-set size, selects its model on the same
 5000-image validation split carved from the official training set (never on test) and reports the
@@ -43,6 +45,8 @@ import ml_collections
 
 from experiments.configs import common
 
+DATASETS = ("fashion_mnist", "cifar10")
+
 # name -> (model fields, extra top-level config fields)
 MODELS: dict[str, tuple[dict, dict]] = {
   "cnn": ({"name": "small_cnn", "features": (32, 64, 64), "pool": "avg"}, {}),
@@ -69,15 +73,27 @@ _ATTENTION = {
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """The data-scaling grid; ``arg`` is ``'fashion_mnist'`` (default), ``'cifar10'`` or ``'smoke'``.
+  """The data-scaling grid.
 
-  ``'smoke'``: a tiny Fashion-MNIST grid (2 sizes, 1 seed, 4 steps) for tests.
+  Args:
+    arg: ``"<dataset>[,smoke]"`` or ``"smoke"``, the dataset ``"fashion_mnist"`` (default) or
+      ``"cifar10"``; ``smoke``: a tiny grid (2 sizes, 1 seed, 4 steps) for tests.
+
+  Returns:
+    The grid config (``config.scaling``) with the trainer fields shared by its runs.
+
+  Raises:
+    ValueError: if ``arg`` is not of that form.
   """
-  arg = arg or "fashion_mnist"
-  if arg not in ("fashion_mnist", "cifar10", "smoke"):
-    raise ValueError(f"arg: expected 'fashion_mnist', 'cifar10' or 'smoke', got {arg!r}")
+  parts = (arg or "fashion_mnist").split(",")
+  smoke = parts[-1] == "smoke"
+  dataset = parts[0] if len(parts) == 2 or not smoke else "fashion_mnist"
+  if len(parts) > 2 or (len(parts) == 2 and not smoke) or dataset not in DATASETS:
+    raise ValueError(
+      f"arg: expected '<dataset>[,smoke]' or 'smoke' with a dataset in {DATASETS}, got {arg!r}"
+    )
   config = common.base_config()
-  config.dataset.name = "cifar10" if arg == "cifar10" else "fashion_mnist"
+  config.dataset.name = dataset
   config.dataset.val_size = 5000
   config.optimizer = "adamw"
   config.learning_rate = 0.003
@@ -101,7 +117,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.scaling.seeds = (0, 1, 2)
   # The model of each run; the grid driver fills it in from MODELS.
   config.model = ml_collections.ConfigDict({"name": "small_cnn"})
-  if arg == "smoke":
+  if smoke:
     config.scaling.train_sizes = (200, 400)
     config.scaling.seeds = (0,)
     config.dataset.val_size = 200
