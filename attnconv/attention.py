@@ -1,310 +1,339 @@
-"""Attention as pure functions: logits -> probabilities -> aggregated values.
+"""Self-attention as pure functions: scores -> probabilities -> aggregated values -> projection.
 
-Shapes (row-major flattened grids): ``Nq`` queries, ``Nk`` keys, ``H`` heads, ``C`` channels.
+:func:`relative_attention` is the multi-head self-attention (MHSA) equation of Cordonnier et al.
+(2020, Eq. 1 with relative scores, Sec. 2.3)::
 
-* Position-only probabilities have **no batch axis**: ``(H, Nq, Nk)``, computed once per layer and
-  shared by the batch. Content probabilities are ``(B, H, Nq, Nk)``.
-* Values are either shared by all heads, ``(B, Nk, C)`` -- the paper's choice ``D_h = D_in``: every
-  head aggregates the full input and the per-head matrices ``W^(h) = W_val^(h) W_out^(h)`` are
-  applied afterwards -- or per head, ``(B, Nk, H, C)``.
-* Aggregation contracts the key axis directly (a matmul); no ``(B, Nq, Nk, C)`` tensor is formed.
+  MHSA(X)_q = sum_h sum_k P_h[q, k] V_h[k] W_out^(h) + b_out,   P_h[q] = softmax_k(A_h[q, k])
 
-The key grid may be larger than the query grid: :func:`key_grid` builds it from the input by zero,
-circular or reflect padding and input dilation, in the coordinate system of
-:mod:`attnconv.encodings` (input pixel ``i`` sits at ``i * input_dilation``, padded keys at negative
-or larger coordinates).
+with scores ``A`` from :mod:`attnconv.encodings`. Shapes (grids flattened row-major): ``B``
+images, ``Nq`` queries, ``Nk`` keys, ``H`` heads, ``C`` value channels, ``D`` output channels.
+
+* Position-only probabilities have **no batch axis**, ``(H, Nq, Nk)``: computed once per layer
+  and shared by the batch. Content probabilities are ``(B, H, Nq, Nk)``.
+* Values are shared by all heads, ``(B, Nk, C)`` -- the paper's choice for exact
+  re-parametrisation: every head aggregates the full input and ``W^(h) = W_val^(h) W_out^(h)``
+  is one ``(C, D)`` matrix per head -- or per head, ``(B, Nk, H, C)``.
+
+Which algorithm runs is decided by the inputs (never by whether the probabilities are returned):
+
+* batch-free probabilities and shared values: aggregation and projection as one einsum
+  (:func:`aggregate_project`);
+* per-axis scores with ``implementation='separable'`` and no attention dropout: the probabilities
+  factorise over axes and the aggregation contracts one key axis at a time
+  (:func:`aggregate_separable`, ``N (sum_a Nk_a)`` instead of ``N Nk`` per head and channel);
+* content scores without attention dropout: :func:`jax.nn.dot_product_attention` (a fused kernel
+  where the backend has one);
+* the hard limit as shifted views of the key grid (an im2col convolution): :func:`gather_project`.
 
 References:
-  Cordonnier, Loukas & Jaggi, ICLR 2020, Eq. (MHSA) and Lemma 1.
+  Cordonnier, Loukas & Jaggi, ICLR 2020: Eq. 1 (MHSA), Lemma 1 (hard attention), Eq. 9.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from attnconv import matmul as mm
-from attnconv import rng as rng_lib
+from attnconv import encodings as enc
 
 Array = jax.Array
 
-PADDING_MODES = ("zeros", "circular", "reflect")
+IMPLEMENTATIONS = ("dense", "separable", "gather")
 
-# Largest im2col block (query rows x H C channels) that gather_project builds at once (see there):
-# 2**20 entries, 4 MiB in float32, the fastest block size measured on a 2-core CPU.
+# Largest im2col block (query rows x H C channels) that gather_project builds at once: 2**20
+# entries (4 MiB in float32), small enough to stay in a core's cache.
 IM2COL_MAX_ELEMENTS = 1 << 20
+
+
+# ----------------------------------------------------------------------------------------------
+# Probabilities
+# ----------------------------------------------------------------------------------------------
 
 
 def softmax(logits: Array, axis: int = -1) -> Array:
   """Softmax over keys, computed in at least float32 and returned in the logits' dtype."""
-  dt = logits.dtype
-  compute = jnp.promote_types(dt, jnp.float32)
-  return jax.nn.softmax(logits.astype(compute), axis=axis).astype(dt)
+  compute = jnp.promote_types(logits.dtype, jnp.float32)
+  return jax.nn.softmax(logits.astype(compute), axis=axis).astype(logits.dtype)
 
 
 def hard_attention(logits: Array, axis: int = -1) -> Array:
   """The ``alpha -> infinity`` limit of ``softmax(alpha * logits)``: uniform over the argmax set.
 
-  With a unique maximum (the quadratic encoding on the integer lattice) this is exactly one-hot,
-  with entries exactly 0.0 and 1.0.
+  Lemma 1's hard attention. With a unique maximum (the quadratic encoding with integer centres
+  on the integer lattice, Lemma 2) it is exactly one-hot, with entries exactly 0.0 and 1.0.
   """
-  is_max = logits == jnp.max(logits, axis=axis, keepdims=True)
-  is_max = is_max.astype(logits.dtype)
+  is_max = (logits == jnp.max(logits, axis=axis, keepdims=True)).astype(logits.dtype)
   return is_max / jnp.sum(is_max, axis=axis, keepdims=True)
 
 
-def aggregate(probs: Array, values: Array, *, precision=None) -> Array:
-  """Attention-weighted sum of values over keys.
+def combine_axis_probs(axis_probs: Sequence[Array]) -> Array:
+  """Full probabilities ``(H, Nq, Nk)`` of per-axis factors ``[(H, Nq_a, Nk_a)]``: their outer
+  product (the softmax of a sum over axes is the product of the per-axis softmaxes)."""
+  d = len(axis_probs)
+  total = 1.0
+  for a, p in enumerate(axis_probs):
+    total = total * enc._on_full_grid(p, a, d)
+  nq = int(np.prod([p.shape[1] for p in axis_probs]))
+  return total.reshape(axis_probs[0].shape[0], nq, -1)
+
+
+def dropout_probs(rng: Array, probs: Array, rate: float, batch_size: int | None = None) -> Array:
+  """Dropout on attention probabilities: entries zeroed with probability ``rate``, the rest
+  scaled by ``1 / (1 - rate)``.
 
   Args:
-    probs: ``(H, Nq, Nk)`` (position-only, shared by the batch) or ``(B, H, Nq, Nk)``.
-    values: ``(B, Nk, C)`` (shared by all heads) or ``(B, Nk, H, C)`` (per head).
-    precision: ``jax.lax.Precision`` of the contraction.
+    rng: a PRNG key.
+    probs: ``(H, Nq, Nk)`` or ``(B, H, Nq, Nk)``.
+    rate: the drop probability, ``0 <= rate < 1``.
+    batch_size: for batch-free ``(H, Nq, Nk)`` probabilities, draw one mask per example and
+      return ``(batch_size, H, Nq, Nk)``; ``None`` draws one mask of the probabilities' own
+      shape (shared by the batch when they are batch-free, as the authors' Gaussian attention).
+  """
+  if not 0.0 <= rate < 1.0:
+    raise ValueError(f"rate: expected 0 <= rate < 1, got {rate}")
+  if batch_size is not None and probs.ndim == 3:
+    probs = jnp.broadcast_to(probs, (batch_size, *probs.shape))
+  keep = jax.random.bernoulli(rng, 1.0 - rate, probs.shape)
+  return jnp.where(keep, probs / (1.0 - rate), jnp.zeros((), probs.dtype)).astype(probs.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Aggregation and projection
+# ----------------------------------------------------------------------------------------------
+
+
+def aggregate(probs: Array, values: Array, *, precision: Any = None) -> Array:
+  """Attention-weighted sum of values over keys, ``sum_k P_h[q, k] V_h[k]``.
+
+  Args:
+    probs: ``(H, Nq, Nk)`` (batch-free) or ``(B, H, Nq, Nk)``.
+    values: ``(B, Nk, C)`` (shared by the heads) or ``(B, Nk, H, C)`` (per head).
+    precision: precision of the contraction.
 
   Returns:
     ``(B, Nq, H, C)``.
   """
-  if probs.ndim not in (3, 4):
-    raise ValueError(f"probs: expected rank 3 or 4, got shape {probs.shape}")
-  if values.ndim not in (3, 4):
-    raise ValueError(f"values: expected rank 3 or 4, got shape {values.shape}")
-  nk = probs.shape[-1]
-  if values.shape[1] != nk:
-    raise ValueError(f"values: expected {nk} keys on axis 1 (as probs), got shape {values.shape}")
+  if probs.ndim not in (3, 4) or values.ndim not in (3, 4):
+    raise ValueError(
+      f"probs/values: expected ranks 3 or 4, got shapes {probs.shape} and {values.shape}"
+    )
+  if values.shape[1] != probs.shape[-1]:
+    raise ValueError(
+      f"values: expected {probs.shape[-1]} keys on axis 1 (as probs), got shape {values.shape}"
+    )
   if values.ndim == 4 and values.shape[2] != probs.shape[-3]:
     raise ValueError(
       f"values: expected {probs.shape[-3]} heads on axis 2 (as probs), got shape {values.shape}"
     )
-  if probs.ndim == 3:
-    v = "bkc" if values.ndim == 3 else "bkhc"
-    return jnp.einsum(f"hqk,{v}->bqhc", probs, values, precision=precision)
-  # Per-image probabilities: one row-major batched product per image (attnconv.matmul.bmm; the
-  # einsum "bhqk,bkc->bqhc" runs at a third of its rate on the CPU), heads moved after.
-  b, h, nq, _ = probs.shape
-  if values.ndim == 3:
-    y = mm.bmm(probs.reshape(b, h * nq, nk), values, precision=precision)
-    y = y.reshape(b, h, nq, values.shape[-1])
-  else:
-    y = mm.bmm(probs, mm.row_major(values, (0, 2, 1, 3)), precision=precision)
-  return y.transpose(0, 2, 1, 3)
+  p = "hqk" if probs.ndim == 3 else "bhqk"
+  v = "bkc" if values.ndim == 3 else "bkhc"
+  return jnp.einsum(f"{p},{v}->bqhc", probs, values, precision=precision)
 
 
-def combine_axis_probs(axis_probs: Sequence[Array]) -> Array:
-  """Full probabilities ``(H, Nq, Nk)`` from per-axis factors ``[(H, Nq_a, Nk_a)]`` (outer product)."""
-  d = len(axis_probs)
-  h = axis_probs[0].shape[0]
-  total = None
-  for a, p in enumerate(axis_probs):
-    shape = [h] + [1] * (2 * d)
-    shape[1 + a], shape[1 + d + a] = p.shape[1:]
-    total = p.reshape(shape) if total is None else total * p.reshape(shape)
-  nq = int(np.prod([p.shape[1] for p in axis_probs]))
-  nk = int(np.prod([p.shape[2] for p in axis_probs]))
-  q_shape = tuple(p.shape[1] for p in axis_probs)
-  k_shape = tuple(p.shape[2] for p in axis_probs)
-  return jnp.broadcast_to(total, (h, *q_shape, *k_shape)).reshape(h, nq, nk)
+def project(heads: Array, kernel: Array, bias: Array | None = None, *, precision=None) -> Array:
+  """The output projection ``sum_h heads_h W^(h) + b``: ``(B, Nq, H, C) -> (B, Nq, D)``.
+
+  ``kernel`` is ``(H, C, D)`` (``flax.linen.DenseGeneral`` over the head and channel axes),
+  ``bias`` ``(D,)`` or None.
+  """
+  y = jnp.einsum("bqhc,hcd->bqd", heads, kernel, precision=precision)
+  return y if bias is None else y + bias
+
+
+def aggregate_project(probs: Array, values: Array, kernel: Array, *, precision=None) -> Array:
+  """``sum_h (P_h V) W^(h)`` for batch-free probabilities and shared values, as one einsum.
+
+  Equal to ``project(aggregate(probs, values), kernel)``; the einsum picks the cheaper order of
+  the two contractions and forms no ``(B, Nq, H, C)`` tensor in between unless that is cheaper.
+
+  Args:
+    probs: ``(H, Nq, Nk)``.
+    values: ``(B, Nk, C)``.
+    kernel: ``(H, C, D)``.
+
+  Returns:
+    ``(B, Nq, D)``.
+  """
+  h, _, nk = probs.shape
+  if values.ndim != 3 or values.shape[1] != nk or kernel.shape[:2] != (h, values.shape[-1]):
+    raise ValueError(
+      f"kernel: expected shape ({h}, C, D) with values (B, {nk}, C), got kernel {kernel.shape} "
+      f"and values {values.shape}"
+    )
+  return jnp.einsum("hqk,bkc,hcd->bqd", probs, values, kernel, precision=precision)
 
 
 def aggregate_separable(
-  axis_probs: Sequence[Array], values: Array, key_shape: Sequence[int], *, precision=None
+  axis_probs: Sequence[Array], values: Array, *, precision: Any = None
 ) -> Array:
-  """Aggregation with probabilities that factorise over axes, ``P = P_0 (x) ... (x) P_{d-1}``.
+  """:func:`aggregate` for probabilities that factorise over axes, ``P = P_0 (x) ... (x) P_{d-1}``.
 
-  Contracts one key axis at a time, first axis first, costing ``B H C N (sum_a Nk_a)`` instead of
-  ``B H C N Nk``: in a keys-first ``(K_0, ..., B C)`` layout the first axis is one
-  ``(H Q_0, K_0) @ (K_0, ...)`` product, each later axis ``a`` a batched product over the
-  ``H Q_0 ... Q_{a-1}`` rows done so far, so the only transposes are of the input and the output.
+  Contracts one key axis at a time: per head and channel ``N (sum_a Nk_a)`` multiply-adds
+  instead of ``N Nk`` (``N^1.5`` instead of ``N^2`` on a square grid).
 
   Args:
     axis_probs: per-axis ``(H, Nq_a, Nk_a)``.
-    values: ``(B, Nk, C)`` or ``(B, Nk, H, C)`` with ``Nk = prod(key_shape)``.
-    key_shape: the key grid shape ``(Nk_0, ..., Nk_{d-1})``.
+    values: ``(B, Nk, C)`` or ``(B, Nk, H, C)`` with ``Nk = prod(Nk_a)``.
 
   Returns:
     ``(B, Nq, H, C)``.
   """
   d = len(axis_probs)
-  key_shape = tuple(int(k) for k in key_shape)
-  if tuple(p.shape[2] for p in axis_probs) != key_shape:
+  h = axis_probs[0].shape[0]
+  key_shape = tuple(int(p.shape[2]) for p in axis_probs)
+  b, per_head = values.shape[0], values.ndim == 4
+  if values.shape[1] != int(np.prod(key_shape)) or (per_head and values.shape[2] != h):
     raise ValueError(
-      f"key_shape: expected the key sizes of axis_probs "
-      f"{tuple(p.shape[2] for p in axis_probs)}, got {key_shape}"
+      f"values: expected (B, {int(np.prod(key_shape))}, [{h},] C) for key grid {key_shape}, got "
+      f"{values.shape}"
     )
-  b = values.shape[0]
-  per_head = values.ndim == 4
-  if values.shape[1] != int(np.prod(key_shape)):
-    raise ValueError(
-      f"values: expected {int(np.prod(key_shape))} keys on axis 1, got {values.shape}"
-    )
-  h, c = axis_probs[0].shape[0], values.shape[-1]
-  if per_head and values.shape[2] != h:
-    raise ValueError(f"values: expected {h} heads on axis 2 (as axis_probs), got {values.shape}")
-  # Keys-first layout: every contraction below is a plain or batched row-major product
-  # (attnconv.matmul), with the contracted key axis leading what is left of the keys.
+  keys, queries = "ijk"[:d], "uvw"[:d]
   x = values.reshape(b, *key_shape, *values.shape[2:])
-  if per_head:  # (H, K_0, ..., K_{d-1}, B C), heads as the batch of the first product
-    x = jnp.moveaxis(jnp.moveaxis(x, 1 + d, 0), 1, 1 + d).reshape(h, key_shape[0], -1)
-    y = mm.bmm(axis_probs[0], x, precision=precision)  # (H, Q_0, K_1 ... B C)
-  else:  # (K_0, ..., K_{d-1}, B C), shared by the heads: one (H Q_0, K_0) @ (K_0, ...) product
-    x = jnp.moveaxis(x, 0, d).reshape(key_shape[0], -1)
-    q0 = axis_probs[0].shape[1]
-    y = mm.matmul(axis_probs[0].reshape(h * q0, key_shape[0]), x, precision=precision)
-  lead = [h, axis_probs[0].shape[1]]  # (H, Q_0, ..., Q_{a-1}) done so far
-  for a in range(1, d):
-    g = int(np.prod(lead))
-    y = y.reshape(g, key_shape[a], -1)  # (H Q_<a, K_a, K_>a B C)
-    p = axis_probs[a]  # the same (Q_a, K_a) matrix for every query position already contracted
-    p = jnp.broadcast_to(p.reshape(h, *[1] * (len(lead) - 1), *p.shape[1:]), (*lead, *p.shape[1:]))
-    y = mm.bmm(p.reshape(g, *axis_probs[a].shape[1:]), y, precision=precision)
-    lead.append(axis_probs[a].shape[1])
-  nq = int(np.prod(lead[1:]))
-  return y.reshape(h, nq, b, c).transpose(2, 1, 0, 3)
-
-
-def dropout_probs(rng: Array, probs: Array, rate: float, batch_size: int | None) -> Array:
-  """Dropout on attention probabilities with an independent mask per example.
-
-  Position-only probabilities ``(H, Nq, Nk)`` are broadcast to ``(B, H, Nq, Nk)`` first, unless
-  ``batch_size`` is None: then one mask ``(H, Nq, Nk)`` is shared by every example of the batch
-  (B times fewer random bits, and the probabilities keep no batch axis, so the fused
-  aggregation still applies).
-
-  The mask is stored once (``rng.bernoulli(..., materialize=True)``): fused into the select that
-  broadcasts the probabilities (or multiplies per-axis factors) LLVM left the hash unvectorised,
-  and the forward and backward passes each recomputed it. Side by side (``compare_commits``,
-  several runs): paper quadratic 0.99-1.03x per step at batch 8 (the pass mostly overlapped a
-  product on the other core), 1.02x at 16; learned 1.02-1.04x at batch 8.
-
-  The backward pass keeps only the boolean mask (one byte per entry) and sums the per-example
-  cotangents of broadcast probabilities over the batch in float32; left to autodiff, XLA:CPU
-  kept the raw 32-bit random words of ``bernoulli`` and re-derived the mask inside a slow
-  batch reduction (40 ms per layer for the paper's learned model at batch 8).
-  """
-  if not 0.0 <= rate < 1.0:
-    raise ValueError(f"rate: expected 0 <= rate < 1, got {rate}")
-  shape = probs.shape
-  broadcast = probs.ndim == 3 and batch_size is not None
-  if broadcast:
-    shape = (batch_size, *shape)
-  keep = rng_lib.bernoulli(rng, 1.0 - rate, shape, materialize=True)
-  return _masked(probs, keep, 1.0 - rate, broadcast)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _masked(probs: Array, keep: Array, keep_prob: float, broadcast: bool) -> Array:
-  p = probs[None] if broadcast else probs
-  return jnp.where(keep, p / keep_prob, jnp.zeros((), probs.dtype)).astype(probs.dtype)
-
-
-def _masked_fwd(probs, keep, keep_prob, broadcast):
-  return _masked(probs, keep, keep_prob, broadcast), keep
-
-
-def _masked_bwd(keep_prob, broadcast, keep, g):
-  acc = jnp.promote_types(g.dtype, jnp.float32)
-  d = jnp.where(keep, g.astype(acc), jnp.zeros((), acc))
-  if broadcast:
-    d = jnp.sum(d, axis=0)
-  return (d / keep_prob).astype(g.dtype), None
-
-
-_masked.defvjp(_masked_fwd, _masked_bwd)
+  axes = "b" + keys + ("h" if per_head else "") + "c"
+  for a, p in enumerate(axis_probs):
+    out = axes.replace(keys[a], queries[a])
+    if "h" not in out:
+      out = out[:-1] + "hc"
+    x = jnp.einsum(f"h{queries[a]}{keys[a]},{axes}->{out}", p, x, precision=precision)
+    axes = out
+  nq = int(np.prod([p.shape[1] for p in axis_probs]))
+  return x.reshape(b, nq, h, -1)
 
 
 # ----------------------------------------------------------------------------------------------
-# Key grids (padding / input dilation) and query grids (strides)
+# The MHSA equation
 # ----------------------------------------------------------------------------------------------
 
 
-def key_grid(
-  x: Array,
-  padding: Sequence[tuple[int, int]],
+def relative_attention(
+  values: Array,
+  kernel: Array,
+  bias: Array | None = None,
   *,
-  mode: str = "zeros",
-  input_dilation: Sequence[int] | int = 1,
-) -> tuple[Array, tuple[Array, ...]]:
-  """Builds the key/value grid from the input and returns it with its per-axis coordinates.
+  position_logits: Array | Sequence[Array] | None = None,
+  query: Array | None = None,
+  key: Array | None = None,
+  hard: bool = False,
+  implementation: str = "dense",
+  dropout_rate: float = 0.0,
+  dropout_rng: Array | None = None,
+  shared_dropout_mask: bool = False,
+  use_dot_product_attention: bool = True,
+  return_probs: bool = False,
+  precision: Any = None,
+) -> Array | tuple[Array, Array]:
+  """Multi-head self-attention with relative scores (Cordonnier et al., Eq. 1 and Sec. 2.3).
 
-  Input pixel ``i`` (per axis) sits at coordinate ``i * input_dilation``; the dilated input is
-  padded by ``(low, high)`` per axis (negative values crop), so key index ``j`` sits at coordinate
-  ``j - low``.
+  .. math::
+    \\mathrm{MHSA}(X)_q = \\sum_h \\mathrm{softmax}(A^{(h)}_{q,:}) \\, V_h \\, W^{(h)} + b,
+    \\qquad A^{(h)}_{q,k} = \\frac{q_h \\cdot k_h}{\\sqrt{D_k}} + \\mathrm{pos}^{(h)}_{q,k}
+
+  1. scores: the content term ``q.k / sqrt(D_k)`` (if ``query``/``key`` are given) plus the
+     position term (``position_logits``);
+  2. probabilities: softmax over keys (in at least float32), or with ``hard=True`` Lemma 1's
+     hard attention (the ``alpha -> infinity`` limit of the quadratic encoding);
+  3. attention dropout (training);
+  4. aggregation of the values and the per-head output projection ``W^(h)`` plus ``b``.
 
   Args:
-    x: ``(B, *spatial, C)`` channels-last input.
-    padding: ``(low, high)`` per spatial axis.
-    mode: ``'zeros'`` (keys on a zero-padded grid), ``'circular'`` (keys on a torus) or
-      ``'reflect'`` (keys on the mirrored grid; the border pixel is not repeated). Circular and
-      reflect need ``input_dilation == 1`` and non-negative padding.
-    input_dilation: zeros interleaved between input pixels (transposed-convolution style).
+    values: ``(B, Nk, C)`` shared by the heads, or ``(B, Nk, H, C)``.
+    kernel: ``(H, C, D)`` output projection; ``bias`` ``(D,)`` or None.
+    position_logits: ``None``; per-axis terms ``[(H, Nq_a, Nk_a)]`` (quadratic, learned); full
+      batch-free scores ``(H, Nq, Nk)``; or per-image scores ``(B, H, Nq, Nk)`` (``q.r``).
+    query, key: ``(B, Nq, H, D_k)`` and ``(B, Nk, H, D_k)`` for the content term.
+    hard: hard attention on position-only scores.
+    implementation: ``'dense'`` or ``'separable'`` (per-axis position-only scores without
+      attention dropout; otherwise the dense path runs).
+    dropout_rate, dropout_rng: attention dropout (``rate > 0`` needs ``dropout_rng``).
+    shared_dropout_mask: for batch-free probabilities, one mask shared by the batch (the
+      authors' Gaussian attention) instead of one per example.
+    use_dot_product_attention: content scores without attention dropout go through
+      :func:`jax.nn.dot_product_attention` when the values have the keys' shape per head.
+    return_probs: also return the probabilities (before dropout): ``(H, Nq, Nk)`` when
+      position-only, else ``(B, H, Nq, Nk)``. The output is computed the same way either way.
+    precision: precision of the contractions.
 
   Returns:
-    ``(keys, key_positions)`` with keys ``(B, *key_shape, C)`` and per-axis int32 coordinates (static numpy arrays).
+    ``(B, Nq, D)``, and the probabilities if ``return_probs``.
   """
-  d = x.ndim - 2
-  if d not in (1, 2, 3):
-    raise ValueError(f"x: expected rank 3 to 5 (batch, 1-3 spatial axes, channels), got {x.shape}")
-  padding = tuple((int(lo), int(hi)) for lo, hi in padding)
-  if len(padding) != d:
-    raise ValueError(f"padding: expected {d} (low, high) pairs, got {padding}")
-  dil = (input_dilation,) * d if isinstance(input_dilation, int) else tuple(input_dilation)
-  if len(dil) != d or any(int(v) < 1 for v in dil):
-    raise ValueError(f"input_dilation: expected {d} integers >= 1, got {input_dilation}")
-  if mode not in PADDING_MODES:
-    raise ValueError(f"mode: expected one of {PADDING_MODES}, got {mode!r}")
-  if mode == "zeros":
-    cfg = [(0, 0, 0)] + [(lo, hi, v - 1) for (lo, hi), v in zip(padding, dil)] + [(0, 0, 0)]
-    keys = lax.pad(x, jnp.zeros((), x.dtype), cfg)
-  else:
-    if any(v != 1 for v in dil):
-      raise ValueError(f"input_dilation: expected 1 with {mode!r} padding, got {dil}")
-    if any(lo < 0 or hi < 0 for lo, hi in padding):
-      raise ValueError(f"padding: expected non-negative pairs with {mode!r} padding, got {padding}")
-    np_mode = {"circular": "wrap", "reflect": "reflect"}[mode]
-    keys = jnp.pad(x, [(0, 0), *padding, (0, 0)], mode=np_mode)
-  if any(s < 1 for s in keys.shape[1:-1]):
-    raise ValueError(f"padding: the key grid would be empty, got key grid shape {keys.shape[1:-1]}")
-  positions = tuple(np.arange(keys.shape[1 + a], dtype=np.int32) - padding[a][0] for a in range(d))
-  return keys, positions
+  content = query is not None
+  if content != (key is not None):
+    raise ValueError("query/key: expected both (content scores) or neither")
+  if not content and position_logits is None:
+    raise ValueError("position_logits: expected scores when query and key are None, got None")
+  if hard and content:
+    raise ValueError("hard: expected position-only scores (query=None) for hard attention")
+  if implementation not in ("dense", "separable"):
+    raise ValueError(f"implementation: expected 'dense' or 'separable', got {implementation!r}")
+  if not 0.0 <= dropout_rate < 1.0:
+    raise ValueError(f"dropout_rate: expected 0 <= rate < 1, got {dropout_rate}")
+  if dropout_rate > 0.0 and dropout_rng is None:
+    raise ValueError("dropout_rng: expected a PRNG key with dropout_rate > 0, got None")
+  per_axis = isinstance(position_logits, (tuple, list))
+  normalize = hard_attention if hard else softmax
 
+  def dropout(p: Array) -> Array:
+    if dropout_rate == 0.0:
+      return p
+    batch = None if shared_dropout_mask else values.shape[0]
+    return dropout_probs(dropout_rng, p, dropout_rate, batch)
 
-def query_grid(
-  key_shape: Sequence[int],
-  padding: Sequence[tuple[int, int]],
-  *,
-  strides: Sequence[int],
-  window: Sequence[int],
-) -> tuple[Array, ...]:
-  """Per-axis query coordinates: one query per output position of a convolution.
-
-  Output ``o`` reads the keys of index ``o * stride ... o * stride + window - 1``; its query sits
-  at the centre of that window, coordinate ``o * stride - low + (window - 1) // 2``. Hence a
-  kernel offset ``kappa * dilation`` is the relative shift ``Delta = kappa * dilation -
-  (window - 1) // 2`` for every input size (for 'SAME' and odd kernels, ``Delta`` ranges over
-  ``{-K//2, ..., K//2}``, the paper's set of shifts). With the defaults (no padding,
-  ``window = stride = 1``) the queries are all input positions. There are
-  ``floor((Nk_a - window_a) / stride_a) + 1`` queries per axis.
-  """
-  out = []
-  for a, (nk, (lo, _), s, w) in enumerate(zip(key_shape, padding, strides, window)):
-    n = (nk - w) // s + 1
-    if n < 1:
-      raise ValueError(
-        f"window: expected at most {nk} keys on axis {a} (key grid {tuple(key_shape)}), got {w}"
+  probs = None
+  if content:
+    pos = enc.combine_axis_logits(position_logits) if per_axis else position_logits
+    pos = None if pos is None else pos.reshape((-1, *pos.shape[-3:]))  # (1 | B, H, Nq, Nk)
+    per_head_values = (
+      values
+      if values.ndim == 4
+      else jnp.broadcast_to(
+        values[:, :, None], (*values.shape[:2], query.shape[2], values.shape[-1])
       )
-    out.append((np.arange(n, dtype=np.int32) * s - lo + (w - 1) // 2).astype(np.int32))
-  return tuple(out)
+    )
+    fused = use_dot_product_attention and dropout_rate == 0.0 and per_head_values.shape == key.shape
+    if return_probs or not fused:
+      scores = enc.content_logits(query, key)
+      probs = softmax(scores if pos is None else scores + pos.astype(scores.dtype))
+    if fused:
+      bias_logits = None if pos is None else pos.astype(query.dtype)
+      heads = jax.nn.dot_product_attention(query, key, per_head_values, bias=bias_logits)
+    else:
+      heads = aggregate(dropout(probs).astype(values.dtype), values, precision=precision)
+    y = project(heads, kernel, precision=precision)
+  elif per_axis and implementation == "separable" and dropout_rate == 0.0:
+    axis_probs = [normalize(t).astype(values.dtype) for t in position_logits]
+    heads = aggregate_separable(axis_probs, values, precision=precision)
+    y = project(heads, kernel, precision=precision)
+    if return_probs:
+      probs = combine_axis_probs(axis_probs)
+  else:
+    if per_axis:
+      probs = combine_axis_probs([normalize(t) for t in position_logits])
+    else:
+      probs = normalize(position_logits)
+    p = dropout(probs).astype(values.dtype)
+    if p.ndim == 3 and values.ndim == 3:
+      y = aggregate_project(p, values, kernel, precision=precision)
+    else:
+      y = project(aggregate(p, values, precision=precision), kernel, precision=precision)
+  if bias is not None:
+    y = y + bias
+  return (y, probs) if return_probs else y
+
+
+# ----------------------------------------------------------------------------------------------
+# The hard limit as shifted views of the key grid (an im2col convolution)
+# ----------------------------------------------------------------------------------------------
 
 
 class _ViewGrid(NamedTuple):
   """Where the hard limit's views start (per head and key axis) and their query grid."""
 
-  starts: list[list[Array]]  # [H][d]: key index read by query 0 (ints, traced when centres are)
+  starts: list[list[Array]]  # [H][d]: key index read by query 0 (traced when the centres are)
   strides: list[int]  # query stride per axis
   num_queries: list[int]  # queries per axis
 
@@ -334,20 +363,19 @@ def _gather_views(
   views = []
   for start in grid.starts:
     first = [start[0] + r0 * grid.strides[0], *start[1:]]
-    win = lax.dynamic_slice(keys, [b0, *first, 0], (nb, *size, keys.shape[-1]))
-    views.append(win[(slice(None), *(slice(None, None, s) for s in grid.strides), slice(None))])
+    window = lax.dynamic_slice(keys, [b0, *first, 0], (nb, *size, keys.shape[-1]))
+    views.append(window[(slice(None), *(slice(None, None, s) for s in grid.strides), slice(None))])
   return views
 
 
 def gather_hard(
   keys: Array, key_positions: Sequence[Array], query_positions: Sequence[Array], centers: Array
 ) -> Array:
-  """The hard-attention limit as shifted, strided views of the key grid.
+  """Lemma 1's hard attention as shifted, strided views of the key grid.
 
-  Head ``h`` at query ``q`` reads the key at coordinate ``q + round(Delta_h)``, which must lie on
-  the key grid (true for the convolution construction). Queries must form a regular grid
-  ``q_a = q_a[0] + o * s_a``. Equal to ``aggregate(hard_attention(quadratic logits), values)``
-  when the centres are integers; the cost is that of an im2col convolution.
+  Head ``h`` at query ``q`` reads the key at ``q + round(Delta_h)``, which must lie on the key
+  grid (true for the convolution construction); queries must form a regular grid. Equal to
+  ``aggregate(hard_attention(quadratic scores), values)`` for integer centres.
 
   Args:
     keys: ``(B, *key_shape, C)``.
@@ -388,24 +416,23 @@ def gather_project(
   query_positions: Sequence[Array],
   centers: Array,
   kernel: Array,
+  bias: Array | None = None,
   *,
-  precision=None,
+  precision: Any = None,
 ) -> Array:
-  """``sum_h view_h W^(h)``: :func:`gather_hard` followed by the per-head projection.
+  """``project(gather_hard(...), kernel, bias)`` computed in blocks: an im2col convolution.
 
-  An im2col convolution computed in blocks: for a block of query rows (first query axis) of a
-  block of images, the H views are concatenated along channels and projected by one
-  ``(rows, H C) @ (H C, D)`` product -- row by row the dense path's projection. A block holds at
-  most ``IM2COL_MAX_ELEMENTS`` im2col entries (one query row of one image at least), so it stays
-  in cache; equal blocks run in sequence under ``lax.map``, the remainder as one more block.
-  (One whole-batch buffer ran 3-7x slower than ``flax.linen.Conv`` from 64x64 images on, where
-  the blocks run within 2x; ``bench_conv.json``.)
+  For a block of query rows (first query axis) of a block of images, the ``H`` views are
+  concatenated along channels and projected by one ``(rows, H C) @ (H C, D)`` product. A block
+  holds at most ``IM2COL_MAX_ELEMENTS`` im2col entries (at least one query row of one image);
+  equal blocks run in sequence under ``lax.map``, the remainder as one more block, so the
+  temporary memory stays bounded for any batch and image size.
 
   Args:
     keys: ``(B, *key_shape, C)``.
     key_positions, query_positions: per-axis coordinates (regular grids).
     centers: ``(H, d)`` (rounded to the nearest integer).
-    kernel: ``(H, C, D)`` per-head matrices ``W^(h)``.
+    kernel: ``(H, C, D)`` per-head matrices ``W^(h)``; ``bias`` ``(D,)`` or None.
 
   Returns:
     ``(B, Nq, D)``.
@@ -413,131 +440,17 @@ def gather_project(
   b, c = keys.shape[0], keys.shape[-1]
   h, _, d = kernel.shape
   grid = _view_grid(key_positions, query_positions, centers)
-  n0 = grid.num_queries[0]
   w = kernel.reshape(h * c, d)
   row = int(np.prod(grid.num_queries[1:])) * h * c  # im2col entries of one query row, one image
 
   def block(b0, nb, r0, nr):  # -> (nb, nr, *num_queries[1:], D)
     views = _gather_views(keys, grid, (b0, nb), (r0, nr))
-    return mm.matmul(jnp.concatenate(views, axis=-1), w, precision=precision)
+    return jnp.matmul(jnp.concatenate(views, axis=-1), w, precision=precision)
 
   def images(b0, nb):  # every query row of images [b0, b0 + nb)
-    rows = _chunks(n0, IM2COL_MAX_ELEMENTS // (nb * row))
+    rows = _chunks(grid.num_queries[0], IM2COL_MAX_ELEMENTS // (nb * row))
     return _blocks(lambda r0, nr: block(b0, nb, r0, nr), *rows, axis=1)
 
   out = _blocks(images, *_chunks(b, IM2COL_MAX_ELEMENTS // row), axis=0)
-  return out.reshape(b, -1, d).astype(keys.dtype)
-
-
-# ----------------------------------------------------------------------------------------------
-# Fused aggregation + per-head output projection (no (B, Nq, H, C) tensor)
-# ----------------------------------------------------------------------------------------------
-
-
-def _heads(x: Array) -> list[Array]:
-  """Per-head slices ``x[h]`` as ``jnp.split`` pieces: their gradients are concatenated once,
-  where indexing ``x[h]`` would pad every slice's gradient to the full stack and add them."""
-  return [piece[0] for piece in jnp.split(x, x.shape[0], axis=0)]
-
-
-def _concat_project(heads: list[Array], kernel: Array, precision) -> Array:
-  """``sum_h heads[h] @ kernel[h]`` as one ``(..., H C) @ (H C, D)`` product -> ``(..., D)``.
-
-  One large product keeps the CPU's matrix units busy (nine ``(..., C) @ (C, D)`` products ran
-  at half the rate); it costs one ``(..., H C)`` buffer.
-  """
-  h, c, d = kernel.shape
-  return mm.matmul(jnp.concatenate(heads, axis=-1), kernel.reshape(h * c, d), precision=precision)
-
-
-def _project_heads(heads: list[Array], kernel: Array, nq: int, b: int, precision) -> Array:
-  """:func:`_concat_project` of per-head ``(Nq B, C)`` rows, returned as ``(B, Nq, D)``."""
-  y = _concat_project(heads, kernel, precision)
-  return y.reshape(nq, b, -1).transpose(1, 0, 2)
-
-
-def aggregate_project(probs: Array, values: Array, kernel: Array, *, precision=None) -> Array:
-  """``sum_h (P_h V) W_h`` for position-only (batch-free) probabilities, as two large products.
-
-  Equal to ``einsum('bqhc,hcd->bqd', aggregate(probs, values), kernel)``: all heads aggregate in
-  one ``(H Nq, Nk) @ (Nk, B C)`` product, whose ``(H, Nq B, C)`` result is moved to ``(Nq B, H C)``
-  rows (on the CPU in bfloat16, in the same pass that rounds the float32 product) and projected
-  by one ``(Nq B, H C) @ (H C, D)`` product. (Per-head products concatenated had XLA:CPU round
-  through float32 around the concatenation and its gradient's split.)
-
-  Args:
-    probs: ``(H, Nq, Nk)`` position-only probabilities.
-    values: ``(B, Nk, C)``.
-    kernel: ``(H, C, D)`` per-head matrices ``W^(h)``.
-
-  Returns:
-    ``(B, Nq, D)``.
-  """
-  h, nq, nk = probs.shape
-  b, _, c = values.shape
-  if values.shape[1] != nk or kernel.shape[:2] != (h, c):
-    raise ValueError(
-      f"kernel: expected shape ({h}, {c}, D) with values (B, {nk}, {c}), got kernel "
-      f"{kernel.shape} and values {values.shape}"
-    )
-  xt = values.transpose(1, 0, 2).reshape(nk, b * c)
-  a = mm.matmul(probs.reshape(h * nq, nk), xt, precision=precision)  # (H Nq, B C)
-  # (Nq B, H C) rows for one projection product; moving whole C-rows costs no more than the
-  # float32 -> bfloat16 conversion it is fused with (a batch-major order would cost 40 % more)
-  a = mm.row_major(a.reshape(h, nq * b, c), (1, 0, 2)).reshape(nq * b, h * c)
-  y = mm.matmul(a, kernel.reshape(h * c, -1), precision=precision)
-  return y.reshape(nq, b, -1).transpose(1, 0, 2)
-
-
-def aggregate_project_separable(
-  axis_probs: Sequence[Array],
-  values: Array,
-  key_shape: Sequence[int],
-  kernel: Array,
-  *,
-  precision=None,
-) -> Array:
-  """:func:`aggregate_project` for probabilities that factorise over axes (separable path).
-
-  Per head, the key axes are contracted one at a time, last axis first, each as a (batched)
-  matmul that keeps the axis order (cost ``B C N sum_a Nk_a`` per head), then projected by
-  ``W^(h)``; no ``(B, Nq, H, C)`` tensor is formed.
-
-  Args:
-    axis_probs: per-axis ``(H, Nq_a, Nk_a)``.
-    values: ``(B, Nk, C)`` with ``Nk = prod(key_shape)``.
-    key_shape: key grid shape.
-    kernel: ``(H, C, D)``.
-
-  Returns:
-    ``(B, Nq, D)``.
-  """
-  d = len(axis_probs)
-  key_shape = tuple(int(k) for k in key_shape)
-  h = axis_probs[0].shape[0]
-  b, nk, c = values.shape
-  if nk != int(np.prod(key_shape)) or tuple(p.shape[2] for p in axis_probs) != key_shape:
-    raise ValueError(
-      f"key_shape: expected {tuple(p.shape[2] for p in axis_probs)} matching values with "
-      f"{nk} keys, got {key_shape}"
-    )
-  q_shape = tuple(p.shape[1] for p in axis_probs)
-  nq = int(np.prod(q_shape))
-  # keys-first layout (k_0, ..., k_{d-1}, B * C)
-  x0 = values.reshape(b, *key_shape, c)
-  x0 = jnp.moveaxis(x0, 0, d).reshape(*key_shape, b * c)
-  heads = []
-  head_axis_probs = [_heads(p) for p in axis_probs]
-  for i in range(h):
-    x = x0
-    # Contract the last key axis first; invariant: x has axes (k_0, ..., k_a, q_{a+1}, ..., n),
-    # so each contraction keeps the axis order (no transposes between them).
-    for a in reversed(range(d)):
-      lead = int(np.prod(key_shape[:a]))
-      x = x.reshape(lead, key_shape[a], -1)
-      if lead == 1:
-        x = mm.matmul(head_axis_probs[a][i], x[0], precision=precision)
-      else:
-        x = jnp.einsum("qk,pkr->pqr", head_axis_probs[a][i], x, precision=precision)
-    heads.append(x.reshape(nq * b, c))
-  return _project_heads(heads, kernel, nq, b, precision)
+  out = out.reshape(b, -1, d).astype(keys.dtype)
+  return out if bias is None else out + bias

@@ -24,87 +24,17 @@ import contextlib
 import itertools
 import math
 from collections.abc import Iterator, Sequence
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attnconv import grids
 from attnconv.layers import MultiHeadRelativeAttention
 
 Array = jax.Array
 PaddingLike = str | int | Sequence[int | tuple[int, int]]
-
-_STRING_PADDINGS = ("SAME", "SAME_LOWER", "VALID", "CIRCULAR", "REFLECT", "CAUSAL")
-
-
-def _int_tuple(name: str, value: Any, d: int, *, minimum: int = 1) -> tuple[int, ...]:
-  if value is None:
-    value = 1
-  if isinstance(value, (bool, np.bool_)):
-    raise TypeError(f"{name}: expected an int or a sequence of {d} ints, got {value!r}")
-  if isinstance(value, (int, np.integer)):
-    out = (int(value),) * d
-  else:
-    try:
-      out = tuple(value)
-    except TypeError:
-      raise TypeError(f"{name}: expected an int or a sequence of {d} ints, got {value!r}") from None
-    if len(out) != d or any(not isinstance(v, (int, np.integer)) for v in out):
-      raise TypeError(f"{name}: expected an int or a sequence of {d} ints, got {value!r}")
-    out = tuple(int(v) for v in out)
-  if any(v < minimum for v in out):
-    raise ValueError(f"{name}: expected integers >= {minimum}, got {value!r}")
-  return out
-
-
-def _resolve_padding(
-  padding: PaddingLike, d: int, window: tuple[int, ...], input_dilation: tuple[int, ...]
-):
-  """Maps flax.linen.Conv's ``padding`` to the layer's ``(padding, padding_mode)``."""
-  if isinstance(padding, str):
-    if padding not in _STRING_PADDINGS:
-      raise ValueError(
-        f"padding: expected one of {_STRING_PADDINGS} or explicit pairs, got {padding!r}"
-      )
-    if any(v != 1 for v in input_dilation):
-      # flax.linen.Conv passes a string padding to lax, which rejects it with input dilation.
-      raise ValueError(
-        f"padding: input_dilation {input_dilation} needs explicit (low, high) padding (as in "
-        f"jax.lax.conv_general_dilated), got {padding!r}"
-      )
-    if padding in ("SAME", "SAME_LOWER", "VALID"):
-      return padding, "zeros"
-    if padding == "CAUSAL":
-      if d != 1:
-        raise ValueError(f"padding: 'CAUSAL' is only defined for 1-D convolutions, got {d}-D")
-      return ((window[0] - 1, 0),), "zeros"
-    pads = tuple(((w - 1) // 2, w // 2) for w in window)
-    return pads, {"CIRCULAR": "circular", "REFLECT": "reflect"}[padding]
-  if isinstance(padding, (int, np.integer)) and not isinstance(padding, bool):
-    return ((int(padding), int(padding)),) * d, "zeros"
-  try:
-    items = list(padding)
-  except TypeError:
-    raise TypeError(
-      f"padding: expected a string, an int or {d} (low, high) pairs, got {padding!r}"
-    ) from None
-  if len(items) != d:
-    raise ValueError(f"padding: expected {d} entries (one per spatial axis), got {padding!r}")
-  pads = []
-  for p in items:
-    if isinstance(p, (int, np.integer)):
-      pads.append((int(p), int(p)))
-    elif (
-      isinstance(p, (tuple, list))
-      and len(p) == 2
-      and all(isinstance(v, (int, np.integer)) for v in p)
-    ):
-      pads.append((int(p[0]), int(p[1])))
-    else:
-      raise TypeError(f"padding: expected ints or (low, high) pairs of ints, got {padding!r}")
-  return tuple(pads), "zeros"
 
 
 def conv_head_offsets(
@@ -116,7 +46,7 @@ def conv_head_offsets(
   extent ``(K - 1) * dilation + 1``. Returns an int array ``(prod(kernel_size), d)``.
   """
   d = len(kernel_size)
-  dil = _int_tuple("kernel_dilation", kernel_dilation, d)
+  dil = grids.as_tuple("kernel_dilation", 1 if kernel_dilation is None else kernel_dilation, d)
   window = [(k - 1) * r + 1 for k, r in zip(kernel_size, dil)]
   idx = np.array(list(itertools.product(*[range(k) for k in kernel_size])), dtype=np.int64)
   idx = idx.reshape(-1, d)
@@ -214,11 +144,17 @@ def conv_to_attention(
       raise TypeError(f"bias: expected an array of shape ({features},), got {type(bias).__name__}")
     if tuple(bias.shape) != (features,):
       raise ValueError(f"bias: expected shape ({features},), got {tuple(bias.shape)}")
-  strides = _int_tuple("strides", strides, d)
-  input_dilation = _int_tuple("input_dilation", input_dilation, d)
-  kernel_dilation = _int_tuple("kernel_dilation", kernel_dilation, d)
+  # None means 1, as in flax.linen.Conv
+  strides, input_dilation, kernel_dilation = (
+    grids.as_tuple(name, 1 if value is None else value, d)
+    for name, value in (
+      ("strides", strides),
+      ("input_dilation", input_dilation),
+      ("kernel_dilation", kernel_dilation),
+    )
+  )
   window = tuple((k - 1) * r + 1 for k, r in zip(kernel_size, kernel_dilation))
-  pads, mode = _resolve_padding(padding, d, window, input_dilation)
+  pads, mode = grids.conv_padding(padding, window, input_dilation)
   if alpha is not None:
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.floating, np.integer)):
       raise TypeError(f"alpha: expected None or a positive float, got {alpha!r}")

@@ -30,18 +30,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attnconv.layers import Dense, Dropout, LayerNorm, MultiHeadRelativeAttention
+from attnconv.layers import MultiHeadRelativeAttention
 
 Array = jax.Array
 
 ENCODINGS = ("quadratic", "generalized", "learned", "learned_content")
 
-# 'auto' takes the separable path from this many tokens on: below it the dense path's per-head
-# products outrun the separable path's small per-axis contractions (K = grid side) on the CPU.
-# Forward + backward of the fused layer with projection, gradients through the probabilities
-# (batch 100, 64 channels, 9 heads; experiments/results/bench_positional_small.json, command in
-# experiments/benchmarks/positional_scaling.py): dense 1.9x faster at 7 x 7 (the quick model),
-# even at 12 x 12 and 14 x 14, separable 1.29x faster at 16 x 16 and further ahead beyond.
+# 'auto' takes the separable path from this many tokens on (a 16 x 16 grid): on smaller grids the
+# per-axis contractions are too short (K = grid side) to beat the dense products; measured in
+# docs/performance.md (experiments/benchmarks/positional_scaling.py).
 SEPARABLE_MIN_TOKENS = 256
 
 
@@ -101,11 +98,11 @@ class AttentionBlock(nn.Module):
     d = self.hidden_size
     torch = self.init_scheme == "torch"
 
-    def dense(features: int, fan_in: int, name: str) -> Dense:
+    def dense(features: int, fan_in: int, name: str) -> nn.Dense:
       kw = {}
       if torch:
         kw = {"kernel_init": torch_kernel_init(), "bias_init": torch_bias_init(fan_in)}
-      return Dense(features, dtype=self.dtype, param_dtype=self.param_dtype, name=name, **kw)
+      return nn.Dense(features, dtype=self.dtype, param_dtype=self.param_dtype, name=name, **kw)
 
     attn_kw: dict[str, Any] = {}
     if torch:
@@ -132,15 +129,15 @@ class AttentionBlock(nn.Module):
       **attn_kw,
     )(x, deterministic=not train)
     a = dense(d, d, "attention_output")(a)
-    a = Dropout(self.dropout_rate, deterministic=not train)(a)
-    ln = lambda name: LayerNorm(  # noqa: E731
+    a = nn.Dropout(self.dropout_rate, deterministic=not train)(a)
+    ln = lambda name: nn.LayerNorm(  # noqa: E731
       epsilon=1e-12, dtype=self.dtype, param_dtype=self.param_dtype, name=name
     )
     x = ln("attention_norm")(x + a)
     m = dense(self.mlp_dim, d, "mlp_in")(x)
     m = nn.gelu(m, approximate=False)
     m = dense(d, self.mlp_dim, "mlp_out")(m)
-    m = Dropout(self.dropout_rate, deterministic=not train)(m)
+    m = nn.Dropout(self.dropout_rate, deterministic=not train)(m)
     return ln("mlp_norm")(x + m)
 
 
@@ -202,7 +199,7 @@ class AttentionNet(nn.Module):
     kw = {}
     if self.init_scheme == "torch":
       kw = {"kernel_init": torch_kernel_init(), "bias_init": torch_bias_init(x.shape[-1])}
-    x = Dense(
+    x = nn.Dense(
       self.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype, name="embedding", **kw
     )(x)
     block_cls = nn.remat(AttentionBlock, static_argnums=(2,)) if self.remat else AttentionBlock
