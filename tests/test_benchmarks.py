@@ -10,14 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments.benchmarks import (
-  common,
-  conv_emulation,
-  matmul_rates,
-  positional_scaling,
-  report,
-  train_throughput,
-)
+from experiments.benchmarks import common, conv_emulation, positional_scaling, train_throughput
+from experiments.configs import paper
 
 
 def test_analytic_macs_pinned():
@@ -26,96 +20,131 @@ def test_analytic_macs_pinned():
   assert quad == {"authors_macs_per_image": 4_503_556_000, "ours_macs_per_image": 3_264_925_600}
   gen = train_throughput.analytic_macs("generalized")
   assert gen["ours_macs_per_image"] == gen["authors_macs_per_image"] == 4_503_556_000
+  # More heads: more value projections and aggregations.
+  many = train_throughput.analytic_macs("quadratic", heads=16)
+  assert many["ours_macs_per_image"] > quad["ours_macs_per_image"]
 
 
-def test_annotate_reference_ratios_and_gpu_projection():
-  row = {"batch": 32, "images_per_second": 11.4, "platform": "cpu", "host_peak_gib": 1.95}
-  train_throughput._annotate(row, "paper_quadratic")
-  assert row["x_reference"] == pytest.approx(2.0)
-  assert row["memory_over_reference"] == pytest.approx(0.5)
+def test_models_are_the_paper_configs():
+  """The benchmarked models are paper.py's; the variants change one field each."""
+  for name, model in (
+    ("paper_quadratic", "quadratic"),
+    ("paper_generalized", "generalized"),
+    ("paper_learned", "learned"),
+    ("paper_learned_content", "learned_content"),
+    ("paper_many_heads", "many_heads"),
+    ("resnet18", "resnet18"),
+  ):
+    config = paper.get_config(f"{model},cifar10").model.to_dict()
+    assert train_throughput.MODELS[name] == (config.pop("name"), config), name
+  _, quad = train_throughput.MODELS["paper_quadratic"]
+  assert quad["shared_dropout_mask"] is True and quad["attention_dropout_rate"] > 0
+  _, per_image = train_throughput.MODELS["paper_quadratic_per_image_dropout"]
+  assert per_image == {**quad, "shared_dropout_mask": False}
+  _, no_dropout = train_throughput.MODELS["paper_quadratic_no_attention_dropout"]
+  assert no_dropout == {**quad, "attention_dropout_rate": 0.0}
+
+
+def test_annotate_gpu_mfu_and_projection():
   gpu = {
     "batch": 100,
+    "dtype": "bfloat16",
     "images_per_second": 7500.0,
     "platform": "gpu",
     "device": "NVIDIA H100 80GB HBM3",
     "achieved_tflops": 494.5,
   }
-  train_throughput._annotate(gpu, "paper_quadratic")
+  train_throughput._annotate(gpu)
   assert gpu["mfu"] == pytest.approx(0.5)
   assert gpu["projected_300_epoch_minutes"] == pytest.approx(300 * 45_000 / 7500 / 60)
-  assert "x_reference" not in gpu
+  # MFU is against the bfloat16 peak: not reported for float32 or an unknown GPU.
+  for other in ({"dtype": "float32"}, {"device": "NVIDIA A100-SXM4-40GB"}):
+    row = {**gpu, **other}
+    del row["mfu"], row["projected_300_epoch_minutes"]
+    train_throughput._annotate(row)
+    assert "mfu" not in row and row["projected_300_epoch_minutes"] > 0
+  cpu = {"batch": 8, "dtype": "float32", "images_per_second": 5.0, "platform": "cpu"}
+  train_throughput._annotate(cpu)
+  assert cpu == {"batch": 8, "dtype": "float32", "images_per_second": 5.0, "platform": "cpu"}
 
 
-def test_report_table():
-  rows = [
-    {
-      "model": "paper_quadratic",
-      "batch": 100,
-      "dtype": "bfloat16",
-      "microbatches": 4,
-      "images_per_second": 8.0,
-      "x_reference": 2.22,
-      "host_peak_gib": 2.0,
-      "xla_step_buffers_gib": 1.5,
-      "memory_over_reference": 0.28,
-      "xla_step_flops": 2.74e12,
-      "achieved_tflops": 0.219,
-      "allocator": "tcmalloc",
-      "page_faults_per_step": 2560.0,
-    },
-    {"model": "paper_learned", "batch": 8, "dtype": "float32"},
-  ]
-  table = report.rows_table(rows).splitlines()
-  assert table[2] == (
-    "| paper_quadratic | 100 | bfloat16 | 4 × 25 | tcmalloc | 8.00 | 2.22× | 2.00 (1.50) | 0.28 "
-    "| 27.4 | 219 | 10 |"
-  )
-  assert "failed" in table[3]
-  assert table[0].count("|") == table[2].count("|") == table[3].count("|")
-
-
-def test_allocator_env():
-  base = {"PATH": "/bin", "LD_PRELOAD": "libfoo.so", "GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}
-  assert common.allocator_env("system", base) == base
-  thp = common.allocator_env("thp", base)
-  assert thp["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
-  assert common.allocator_env("thp", {})["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
-  with pytest.raises(ValueError, match="allocator: expected one of"):
-    common.allocator_env("jemalloc", base)
-  assert base["LD_PRELOAD"] == "libfoo.so"  # the given environment is not modified
-
-
-def test_allocator_env_tcmalloc(monkeypatch):
-  monkeypatch.setattr(common, "find_tcmalloc", lambda: "libtcmalloc_minimal.so.4")
-  env = common.allocator_env("tcmalloc", {"LD_PRELOAD": "libfoo.so"})
-  assert env["LD_PRELOAD"] == "libtcmalloc_minimal.so.4 libfoo.so"
-  assert common.allocator_env("tcmalloc", {})["LD_PRELOAD"] == "libtcmalloc_minimal.so.4"
-  monkeypatch.setattr(common, "find_tcmalloc", lambda: None)
-  with pytest.raises(FileNotFoundError, match="libtcmalloc-minimal4"):
-    common.allocator_env("tcmalloc", {})
-
-
-def test_child_reports_page_faults_under_the_requested_allocator(monkeypatch):
-  # The child's environment is the allocator's: a 'thp' child sees the glibc tunable.
-  seen = {}
-
+def _fake_child(monkeypatch, stdout: str, seen: dict):
   def fake_run(cmd, **kw):
-    seen["env"] = kw["env"]
+    seen["payload"] = json.loads(cmd[-1])
 
     class P:
-      stdout = 'RESULT={"images_per_second": 1.0, "page_faults_per_step": 3.0}\nPEAK_KB=1048576'
-      stderr = ""
+      stderr = "Traceback: boom"
 
+    P.stdout = stdout
     return P()
 
   monkeypatch.setattr(train_throughput.subprocess, "run", fake_run)
+
+
+def test_run_child_parses_its_row(monkeypatch):
+  seen = {}
+  result = {"images_per_second": 10.0, "xla_fwd_macs_per_image": 2.0e9, "platform": "cpu"}
+  _fake_child(monkeypatch, f"RESULT={json.dumps(result)}\nPEAK_KB=1048576\n", seen)
+  args = argparse.Namespace(remat=False, steps=3, timeout=10)
+  row = train_throughput._run_child("paper_quadratic", 32, "bfloat16", 2, False, args)
+  model, kwargs = train_throughput.MODELS["paper_quadratic"]
+  assert seen["payload"] == [model, kwargs, 32, "bfloat16", False, 3, 2, False]
+  assert row["model"] == "paper_quadratic" and row["microbatches"] == 2
+  assert row["images_per_second"] == 10.0 and row["host_peak_gib"] == 1.0
+  assert row["authors_macs_per_image"] == 4_503_556_000
+  assert row["xla_over_authors"] == pytest.approx(2.0e9 / 4_503_556_000)
+  assert "error" not in row and "mfu" not in row
+
+
+def test_run_child_reports_a_failure(monkeypatch):
+  _fake_child(monkeypatch, "", {})
   args = argparse.Namespace(remat=False, steps=1, timeout=10)
-  row = train_throughput._run_child(
-    "paper_quadratic", "attention_net", {}, 8, "bfloat16", 1, False, "thp", args
+  row = train_throughput._run_child("resnet18", 8, "float32", 1, False, args)
+  assert row["error"] == "Traceback: boom" and "images_per_second" not in row
+
+
+def test_train_throughput_tiny(tmp_path, monkeypatch):
+  """A real child process on a tiny CNN: the row and the machine description in the JSON."""
+  monkeypatch.setitem(train_throughput.MODELS, "tiny", ("small_cnn", {"features": [4, 8]}))
+  out = tmp_path / "train.json"
+  train_throughput.main(
+    ["--models=tiny", "--batches=4", "--dtypes=float32", "--steps=2", "--microbatches=2"]
+    + ["--out", str(out)]
   )
-  assert "glibc.malloc.hugetlb=1" in seen["env"]["GLIBC_TUNABLES"]
-  assert row["allocator"] == "thp" and row["page_faults_per_step"] == 3.0
-  assert row["host_peak_gib"] == 1.0
+  saved = json.loads(out.read_text())
+  (row,) = saved["rows"]
+  assert "error" not in row, row.get("error")
+  assert row["model"] == "tiny" and row["microbatches"] == 2
+  assert row["images_per_second"] > 0 and row["step_min_s"] <= row["step_s"] <= row["step_max_s"]
+  assert row["host_peak_gib"] > 0 and row["xla_step_flops"] > 0
+  assert row["params"] > 0 and row["platform"] == "cpu"
+  machine = saved["machine"]
+  for key in ("cpu", "cores", "devices", "jax", "jaxlib", "flax"):
+    assert machine[key], key
+  assert machine["jax"] == jax.__version__
+
+
+@pytest.mark.parametrize(
+  ("flag", "match"),
+  [
+    ("--models=vit", "--models: expected names"),
+    ("--dtypes=float16", "--dtypes: expected"),
+    ("--batches=8,x", "--batches: expected comma-separated int"),
+    ("--microbatches=0", "--microbatches"),
+  ],
+)
+def test_train_throughput_rejects_bad_arguments(tmp_path, flag, match):
+  with pytest.raises(ValueError, match=match):
+    train_throughput.main([flag, "--out", str(tmp_path / "x.json")])
+  assert not (tmp_path / "x.json").exists()
+
+
+def test_machine_info():
+  info = common.machine_info()
+  assert info["cores"] >= 1 and info["devices"]
+  assert info["accelerator"] is None or isinstance(info["accelerator"], str)
+  for key in ("jax", "jaxlib", "flax", "python"):
+    assert isinstance(info[key], str) and info[key], key
 
 
 def test_positional_scaling_tiny(tmp_path):
@@ -174,18 +203,6 @@ def test_conv_emulation_tiny(tmp_path):
     assert row[f"{impl}_time_ratio"] == sorted(ratios)[1]  # the median over rounds
 
 
-def test_matmul_rates_tiny(tmp_path):
-  out = tmp_path / "mm.json"
-  matmul_rates.main(
-    ["--rows", "8", "--inner", "16", "--cols", "8", "--repeats", "1", "--out", str(out)]
-    + ["--batch", "2", "--heads", "2", "--tokens", "8", "--channels", "4"]
-  )
-  rows = json.loads(out.read_text())["rows"]
-  # 2 dtypes x 2 impls x 2 kinds: the 2-D product, the aggregation and the scores
-  assert len(rows) == 24 and all(r["gflops"] > 0 for r in rows)
-  assert {r["impl"] for r in rows[8:]} == {"einsum", "bmm"}
-
-
 def test_positional_scaling_position_grads_differentiates_the_centres():
   """``--position_grads``: the gradient reaches the centres and alpha through the probabilities
   (nonzero for both paths) and both paths agree."""
@@ -221,43 +238,11 @@ def test_time_interleaved_runs_each_variant_round_robin():
     assert 0 <= t["min_s"] <= t["median_s"] <= t["max_s"]
 
 
-def test_combine_rounds_takes_the_median_round_and_the_largest_memory():
-  runs = [
-    {"images_per_second": 9.0, "host_peak_gib": 1.5, "step_s": 1 / 9},
-    {"error": "timeout"},
-    {"images_per_second": 6.0, "host_peak_gib": 1.7, "step_s": 1 / 6},
-    {"images_per_second": 8.0, "host_peak_gib": 1.4, "step_s": 1 / 8},
-  ]
-  row = train_throughput.combine_rounds(runs)
-  assert row["images_per_second"] == 8.0 and row["step_s"] == 1 / 8  # median of 6, 8, 9
-  assert row["images_per_second_rounds"] == [9.0, None, 6.0, 8.0]
-  assert row["host_peak_gib"] == 1.7
-  even = train_throughput.combine_rounds(runs[:1] + runs[2:3])
-  assert even["images_per_second"] == 6.0  # the lower median of an even count
-  failed = train_throughput.combine_rounds([{"error": "a"}, {"error": "b"}])
-  assert failed == {"error": "a"}
+def test_time_interleaved_rejects_no_repeats():
+  with pytest.raises(ValueError, match="repeats: expected a positive integer, got 0"):
+    common.time_interleaved({"a": lambda: jnp.zeros(())}, repeats=0)
 
 
-def test_compare_commits_extracts_a_renamed_package(tmp_path):
-  from experiments.benchmarks import compare_commits
-
-  path = compare_commits.extract_package("HEAD", "attnconv_x", str(tmp_path))
-  with open(f"{path}/layers.py") as f:
-    text = f.read()
-  assert "from attnconv_x import matmul as mm" in text
-  assert "from attnconv import" not in text and "import attnconv." not in text
-
-
-def test_compare_commits_tiny_same_code_same_losses(tmp_path):
-  """Two copies of the working tree: interleaved steps, and identical programs give identical
-  losses (the comparison's sanity check)."""
-  from experiments.benchmarks import compare_commits
-
-  small = {"num_layers": 1, "hidden_size": 8, "num_heads": 2, "mlp_dim": 8}
-  rows = compare_commits.compare(
-    [".", "."], batch=2, dtype="float32", repeats=2, warmup=1, model_kwargs=small
-  )
-  assert [r["commit"] for r in rows] == [".", "."]
-  assert all(len(r["step_s_all"]) == 2 and r["images_per_second"] > 0 for r in rows)
-  assert rows[0]["losses"] == rows[1]["losses"]
-  assert rows[0]["speedup_vs_first"] == 1.0
+def test_markdown_table():
+  table = common.markdown_table([{"a": 1.23456, "b": "x"}, {"a": 2}], ["a", "b"]).splitlines()
+  assert table == ["| a | b |", "|---|---|", "| 1.23 | x |", "| 2 |  |"]

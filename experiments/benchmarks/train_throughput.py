@@ -1,20 +1,25 @@
-"""Training-step throughput and peak memory of every paper model, side by side.
+"""Training-step throughput and peak memory of the paper's models, side by side.
 
-    python -m experiments.benchmarks.train_throughput --out experiments/results/bench_train_cpu.json
+    python -m experiments.benchmarks.train_throughput --models=paper_quadratic,paper_learned \
+      --batches=8,32 --dtypes=float32 --out runs/bench/train_cpu.json
 
-For each model (paper sizes: 6 layers, 9 heads, D = 400, CIFAR-shaped 32x32x3 input, SGD with
-momentum), dtype and batch size, one fresh subprocess builds the jitted train step, runs 2 warm-up
-steps and 5 timed steps, and reports the median images/s and its own peak resident memory (CPU)
-or the device's peak memory (GPU), plus the buffers XLA assigns to the step
-(``memory_analysis``). Also reported: multiply-adds per image (XLA's count of the forward pass,
-and an analytic count the authors' dense way and ours), the step's FLOPs and achieved rate, the
-ratio to the issue's PyTorch reference (CPU), and on an H100 the model FLOP utilisation and the
-projected wall time of the paper's 300-epoch CIFAR-10 run. With ``--rounds R`` every
-configuration runs R times, the rounds sweeping all configurations in turn, and the row is the
-round with the median images/s (``images_per_second_rounds`` lists all). GPU::
+On a GPU (bfloat16, the paper's batch)::
 
     python -m experiments.benchmarks.train_throughput --models=paper_quadratic --batches=100 \
-      --dtypes=bfloat16 --out experiments/results/bench_train_h100.json
+      --dtypes=bfloat16 --out runs/bench/train_gpu.json
+
+The models are those of ``experiments/configs/paper.py`` (6 layers, 9 heads, D = 400; CIFAR-shaped
+32x32x3 input; SGD with momentum and weight decay), plus two variants of the quadratic model's
+attention dropout. For each model, dtype, batch size (``--microbatches`` gradient-accumulation
+slices where they divide it; ``--remat``: every block rematerialised), one fresh subprocess
+compiles the jitted train step, runs 2 warm-up steps and ``--steps`` timed steps, and reports the
+median images/s, its own peak resident memory (``host_peak_gib``) or the device's peak memory
+(``device_peak_gib``, GPU), and the buffers XLA assigns to the step (``xla_step_buffers_gib``).
+Also: multiply-adds per image (XLA's count of the forward pass, and an analytic count of the
+authors' dense way and of this library's way), the step's FLOPs and achieved rate, and on a GPU
+the model FLOP utilisation (bfloat16 on an H100 / H200) and the projected wall time of the
+paper's 300-epoch CIFAR-10 run. The JSON output (``--out``) holds the rows and the machine: CPU
+model, GPU name, core count, and the versions of jax, jaxlib and flax.
 """
 
 from __future__ import annotations
@@ -25,43 +30,38 @@ import subprocess
 import sys
 
 from experiments.benchmarks import common
+from experiments.configs import paper
 
-# The authors' dropout: Gaussian attention (quadratic, generalized) shares one attention-dropout
-# mask by the batch, the learned encodings draw one per image (as experiments/configs/paper_*).
+
+def _paper_model(model: str, **overrides) -> tuple[str, dict]:
+  """``(model name, keyword arguments)`` of ``paper.py:<model>,cifar10``, with overrides."""
+  kwargs = paper.get_config(f"{model},cifar10").model.to_dict()
+  return kwargs.pop("name"), {**kwargs, **overrides}
+
+
+# The paper's models as experiments/configs/paper.py builds them: the Gaussian attention
+# (quadratic, generalized) shares one attention-dropout mask by the batch, the learned encodings
+# draw one per image, as the authors' code.
 MODELS = {
-  "paper_quadratic": ("attention_net", {"encoding": "quadratic", "shared_dropout_mask": True}),
+  "paper_quadratic": _paper_model("quadratic"),
   # One attention-dropout mask per image: the probabilities get a batch axis (B x more work).
-  "paper_quadratic_per_image_dropout": ("attention_net", {"encoding": "quadratic"}),
+  "paper_quadratic_per_image_dropout": _paper_model("quadratic", shared_dropout_mask=False),
   # Without attention dropout the batch-free separable path runs in training (fewest FLOPs).
-  "paper_quadratic_no_attention_dropout": (
-    "attention_net",
-    {"encoding": "quadratic", "attention_dropout_rate": 0.0},
-  ),
-  "paper_generalized": ("attention_net", {"encoding": "generalized", "shared_dropout_mask": True}),
-  "paper_learned": ("attention_net", {"encoding": "learned"}),
-  "paper_learned_content": ("attention_net", {"encoding": "learned_content"}),
-  "resnet18": ("resnet18", {}),
+  "paper_quadratic_no_attention_dropout": _paper_model("quadratic", attention_dropout_rate=0.0),
+  "paper_generalized": _paper_model("generalized"),
+  "paper_learned": _paper_model("learned"),
+  "paper_learned_content": _paper_model("learned_content"),
+  "paper_many_heads": _paper_model("many_heads"),
+  "resnet18": _paper_model("resnet18"),
 }
 
-# The issue's reference: the authors' PyTorch classes on the same 2-core CPU kind (torch 2.13 CPU),
-# training img/s at batch 8 / 32 / 100 and peak memory (GiB) at batch 32 / 100.
-REFERENCE_CPU = {
-  "paper_quadratic": ({8: 5.9, 32: 5.7, 100: 3.6}, {32: 3.9, 100: 7.2}),
-  "paper_generalized": ({8: 6.5, 32: 5.3, 100: 3.5}, {32: 4.0, 100: 7.3}),
-  "paper_learned": ({8: 6.0, 32: 5.2, 100: 3.2}, {32: 4.0, 100: 9.1}),
-  "paper_learned_content": ({8: 2.7, 32: 1.9}, {32: 7.8}),
-  "resnet18": ({8: 92, 32: 101, 100: 96}, {32: 0.8, 100: 1.4}),
-}
-REFERENCE_CPU["paper_quadratic_per_image_dropout"] = REFERENCE_CPU["paper_quadratic"]
-REFERENCE_CPU["paper_quadratic_no_attention_dropout"] = REFERENCE_CPU["paper_quadratic"]
-
-# Dense bfloat16 peak of one H100 SXM (NVIDIA datasheet, without sparsity), for MFU.
-H100_BF16_PEAK_FLOPS = 989e12
+# Dense bfloat16 peak of one H100 SXM / H200 (NVIDIA datasheets, without sparsity), for MFU.
+BF16_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12}
 CIFAR_TRAIN_IMAGES_PER_EPOCH = 45_000  # 50,000 minus the 5,000-image validation split
 PAPER_EPOCHS = 300
 
 _CHILD = r"""
-import json, resource, sys, time, statistics
+import json, sys, time, statistics
 import jax, jax.numpy as jnp, optax
 from attnconv.models import build_model, count_params
 from experiments.accumulation import accumulated_value_and_grad  # jax only (as experiments.train)
@@ -115,12 +115,10 @@ rng = jax.random.key(3)
 for _ in range(2):
   params, opt, state, l = step(params, opt, state, x, y, rng); l.block_until_ready()
 times = []
-faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(steps):
   t = time.perf_counter()
   params, opt, state, l = step(params, opt, state, x, y, rng); l.block_until_ready()
   times.append(time.perf_counter() - t)
-faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps
 med = statistics.median(times)
 dev = jax.devices()[0]
 peak = None
@@ -133,8 +131,7 @@ print("RESULT=" + json.dumps({"images_per_second": batch / med, "step_s": med,
       "params": count_params(params), "xla_fwd_macs_per_image": flops / 2,
       "xla_step_flops": step_flops, "achieved_tflops": step_flops / med / 1e12,
       "xla_step_buffers_gib": None if xla_bytes is None else xla_bytes / 2**30,
-      "device_peak_gib": peak, "device": dev.device_kind, "platform": dev.platform,
-      "page_faults_per_step": faults}))
+      "device_peak_gib": peak, "device": dev.device_kind, "platform": dev.platform}))
 """
 
 
@@ -165,45 +162,27 @@ def analytic_macs(
   return {"authors_macs_per_image": authors, "ours_macs_per_image": ours}
 
 
-def _annotate(row: dict, name: str) -> None:
-  """Adds the reference ratios (CPU), MFU and the projected 300-epoch time (GPU)."""
+def _annotate(row: dict) -> None:
+  """Adds the GPU figures to a row: MFU (bfloat16 on a GPU of :data:`BF16_PEAK_FLOPS`) and the
+  projected wall time of the paper's 300-epoch CIFAR-10 run."""
   ips = row.get("images_per_second")
-  if not ips:
+  if not ips or row.get("platform") != "gpu":
     return
-  if row.get("platform") == "cpu" and name in REFERENCE_CPU:
-    ref_ips, ref_mem = REFERENCE_CPU[name]
-    if row["batch"] in ref_ips:
-      row["reference_images_per_second"] = ref_ips[row["batch"]]
-      row["x_reference"] = ips / ref_ips[row["batch"]]
-    if row["batch"] in ref_mem:
-      row["reference_peak_gib"] = ref_mem[row["batch"]]
-      if row.get("host_peak_gib"):
-        row["memory_over_reference"] = row["host_peak_gib"] / ref_mem[row["batch"]]
-  if row.get("platform") == "gpu":
-    if "H100" in str(row.get("device", "")) and row.get("achieved_tflops"):
-      row["mfu"] = row["achieved_tflops"] * 1e12 / H100_BF16_PEAK_FLOPS
-    row["projected_300_epoch_minutes"] = PAPER_EPOCHS * CIFAR_TRAIN_IMAGES_PER_EPOCH / ips / 60
+  device = str(row.get("device", ""))
+  peaks = [peak for name, peak in BF16_PEAK_FLOPS.items() if name in device]
+  if peaks and row.get("dtype") == "bfloat16" and row.get("achieved_tflops"):
+    row["mfu"] = row["achieved_tflops"] * 1e12 / peaks[0]
+  row["projected_300_epoch_minutes"] = PAPER_EPOCHS * CIFAR_TRAIN_IMAGES_PER_EPOCH / ips / 60
 
 
-def combine_rounds(runs: list[dict]) -> dict:
-  """One row from the same configuration's runs in several rounds: the run with the median
-  images/s (the lower median for an even count), with every round's images/s listed and the
-  largest peak memory. A configuration that failed in every round keeps its first error."""
-  ok = [r for r in runs if r.get("images_per_second")]
-  if not ok:
-    return dict(runs[0])
-  ok = sorted(ok, key=lambda r: r["images_per_second"])
-  row = dict(ok[(len(ok) - 1) // 2])
-  row["images_per_second_rounds"] = [r.get("images_per_second") for r in runs]
-  peaks = [r["host_peak_gib"] for r in ok if r.get("host_peak_gib") is not None]
-  if peaks:
-    row["host_peak_gib"] = max(peaks)
-  return row
-
-
-def _run_child(name, model, kwargs, batch, dtype, micro, unroll, allocator, args) -> dict:
+def _run_child(name: str, batch: int, dtype: str, micro: int, unroll: bool, args) -> dict:
+  """One configuration in a fresh process: its row (``error`` when it failed)."""
+  model, kwargs = MODELS[name]
   payload = json.dumps([model, kwargs, batch, dtype, args.remat, args.steps, micro, unroll])
-  wrapper = _CHILD + "\nprint('PEAK_KB=%d' % resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+  wrapper = (
+    _CHILD
+    + "\nimport resource\nprint('PEAK_KB=%d' % resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+  )
   try:
     proc = subprocess.run(
       [sys.executable, "-c", wrapper, payload],
@@ -211,7 +190,6 @@ def _run_child(name, model, kwargs, batch, dtype, micro, unroll, allocator, args
       text=True,
       timeout=args.timeout,
       check=False,
-      env=common.allocator_env(allocator),
     )
     out = proc.stdout
   except subprocess.TimeoutExpired:
@@ -223,7 +201,6 @@ def _run_child(name, model, kwargs, batch, dtype, micro, unroll, allocator, args
     "remat": args.remat,
     "microbatches": micro,
     "unroll_microbatches": unroll,
-    "allocator": allocator,
   }
   for line in out.splitlines():
     if line.startswith("RESULT="):
@@ -232,12 +209,30 @@ def _run_child(name, model, kwargs, batch, dtype, micro, unroll, allocator, args
       row["host_peak_gib"] = int(line.split("=")[1]) / 2**20
   if "images_per_second" not in row:
     row["error"] = proc.stderr[-500:] if proc is not None else "timeout"
+  elif model == "attention_net":
+    row.update(analytic_macs(kwargs["encoding"], heads=kwargs["num_heads"]))
+    if row.get("xla_fwd_macs_per_image"):
+      row["xla_over_authors"] = row["xla_fwd_macs_per_image"] / row["authors_macs_per_image"]
+  _annotate(row)
   return row
 
 
-def main(argv=None) -> None:
+def _csv(text: str, name: str, kind=str) -> list:
+  try:
+    values = [kind(v) for v in text.split(",") if v]
+  except ValueError:
+    raise ValueError(
+      f"--{name}: expected comma-separated {kind.__name__} values, got {text!r}"
+    ) from None
+  if not values:
+    raise ValueError(f"--{name}: expected at least one value, got {text!r}")
+  return values
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+  """Runs the sweep; returns the rows (also written to ``--out`` after every configuration)."""
   p = argparse.ArgumentParser(description=__doc__)
-  p.add_argument("--models", default=",".join(MODELS))
+  p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {list(MODELS)}")
   p.add_argument("--batches", default="8,32,100")
   p.add_argument("--dtypes", default="float32", help="comma-separated: float32,bfloat16")
   p.add_argument("--remat", action="store_true", help="rematerialise every block (AttentionNet)")
@@ -252,64 +247,34 @@ def main(argv=None) -> None:
     action="store_true",
     help="unroll the accumulation loop (fast convolutions on XLA:CPU; more memory)",
   )
-  p.add_argument(
-    "--allocators",
-    default="system",
-    help="comma-separated host allocators of the child processes, each configuration run under "
-    "each in turn: system, tcmalloc (LD_PRELOAD; apt-get install libtcmalloc-minimal4), thp "
-    "(glibc.malloc.hugetlb=1); see common.allocator_env",
-  )
-  p.add_argument("--steps", type=int, default=5)
-  p.add_argument(
-    "--rounds",
-    type=int,
-    default=1,
-    help="sweeps over all configurations (a fresh process each); the row is the median round",
-  )
-  p.add_argument("--timeout", type=float, default=1800)
-  p.add_argument("--out", default="experiments/results/bench_train_cpu.json")
+  p.add_argument("--steps", type=int, default=5, help="timed steps after 2 warm-up steps")
+  p.add_argument("--timeout", type=float, default=1800, help="seconds per configuration")
+  p.add_argument("--out", default="runs/bench/train_throughput.json")
   args = p.parse_args(argv)
-  allocators = args.allocators.split(",")
-  for allocator in allocators:
-    common.allocator_env(allocator)  # fail before the sweep on a bad or missing allocator
-  configs = []
-  for name in args.models.split(","):
-    model, kwargs = MODELS[name]
-    for dtype in args.dtypes.split(","):
-      for batch in [int(b) for b in args.batches.split(",")]:
+  names = _csv(args.models, "models")
+  unknown = [n for n in names if n not in MODELS]
+  if unknown:
+    raise ValueError(f"--models: expected names of {list(MODELS)}, got {unknown}")
+  dtypes = _csv(args.dtypes, "dtypes")
+  if any(d not in ("float32", "bfloat16") for d in dtypes):
+    raise ValueError(f"--dtypes: expected float32 and/or bfloat16, got {args.dtypes!r}")
+  batches = _csv(args.batches, "batches", int)
+  if args.microbatches < 1 or args.steps < 1:
+    raise ValueError(
+      f"--microbatches, --steps: expected positive integers, got {args.microbatches}, {args.steps}"
+    )
+  machine = common.machine_info()
+  rows: list[dict] = []
+  for name in names:
+    for dtype in dtypes:
+      for batch in batches:
         micro = args.microbatches if batch % args.microbatches == 0 else 1
         unroll = bool(args.unroll_microbatches and micro > 1)
-        for allocator in allocators:
-          configs.append((name, model, kwargs, batch, dtype, micro, unroll, allocator))
-  # Rounds sweep all configurations in turn: a slow period of a shared machine (seconds to
-  # minutes) then falls into one round of a configuration rather than into all of its steps.
-  runs: list[list[dict]] = [[] for _ in configs]
-  rows: list[dict] = []
-  for r in range(args.rounds):
-    for cfg, done in zip(configs, runs):
-      run = _run_child(*cfg, args)
-      done.append(run)
-      print(
-        f"round {r + 1}/{args.rounds}",
-        {k: v for k, v in run.items() if k != "error"},
-        run.get("error", ""),
-        flush=True,
-      )
-      rows = []
-      for (name, model, kwargs, *_), rs in zip(configs, runs):
-        if not rs:
-          continue
-        row = combine_rounds(rs)
-        if model == "attention_net":
-          row.update(analytic_macs(kwargs["encoding"]))
-          if row.get("xla_fwd_macs_per_image"):
-            row["xla_over_authors"] = row["xla_fwd_macs_per_image"] / row["authors_macs_per_image"]
-        _annotate(row, name)
+        row = _run_child(name, batch, dtype, micro, unroll, args)
         rows.append(row)
-      # written after every run, so a long sweep that is stopped keeps its rows
-      common.write_json(
-        args.out, {"machine": common.machine_info(), "args": vars(args), "rows": rows}
-      )
+        print({k: v for k, v in row.items() if k != "error"}, row.get("error", ""), flush=True)
+        # written after every configuration, so a long sweep that is stopped keeps its rows
+        common.write_json(args.out, {"machine": machine, "args": vars(args), "rows": rows})
   print(
     common.markdown_table(
       rows,
@@ -318,14 +283,12 @@ def main(argv=None) -> None:
         "batch",
         "dtype",
         "microbatches",
-        "allocator",
         "images_per_second",
-        "x_reference",
         "host_peak_gib",
         "xla_step_buffers_gib",
-        "page_faults_per_step",
         "device_peak_gib",
         "achieved_tflops",
+        "mfu",
         "params",
         "xla_fwd_macs_per_image",
         "authors_macs_per_image",
@@ -333,6 +296,7 @@ def main(argv=None) -> None:
       ],
     )
   )
+  return rows
 
 
 if __name__ == "__main__":
