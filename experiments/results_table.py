@@ -1,6 +1,10 @@
 """Collects ``summary.json`` of finished runs into a Markdown table and a JSON file.
 
-python -m experiments.results_table runs/quick runs/cpu/learned ... --out experiments/results/fashion_cpu.json
+Usage::
+
+  python -m experiments.results_table runs/cpu/quadratic runs/cpu/learned --out runs/cpu/table.json
+
+(``experiments/cpu_results.sh`` runs it on its runs.)
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ def collect(workdirs: list[str]) -> list[dict]:
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__)
   p.add_argument("workdirs", nargs="+")
-  p.add_argument("--out", default="experiments/results/fashion_cpu.json")
+  p.add_argument("--out", default="runs/results_table.json")
   args = p.parse_args(argv)
   rows = collect(args.workdirs)
   cols = [

@@ -1,1 +1,1 @@
-"""Benchmarks: each script prints a Markdown table and writes JSON (see README, Performance)."""
+"""Benchmarks: each script prints a Markdown table and writes JSON (see ``docs/performance.md``)."""

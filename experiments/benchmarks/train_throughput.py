@@ -181,7 +181,8 @@ def _run_child(name: str, batch: int, dtype: str, micro: int, unroll: bool, args
   payload = json.dumps([model, kwargs, batch, dtype, args.remat, args.steps, micro, unroll])
   wrapper = (
     _CHILD
-    + "\nimport resource\nprint('PEAK_KB=%d' % resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+    + "\nimport resource\n"
+    + "print('PEAK_KB=%d' % resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
   )
   try:
     proc = subprocess.run(

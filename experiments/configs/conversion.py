@@ -22,7 +22,7 @@ Writes ``<workdir>/conversion.json`` (and ``--out``, default
 ``experiments/results/conversion.json``). Expected runtime (2-core CPU): about 14 minutes (8 of
 them the content stage). Expected result (measured): CNN 0.8917 test; as hard attention 0.8917
 with 0 of 10,000 predictions changed; fine-tuned 2 epochs: CNN 0.8956, free attention 0.8947;
-content (1 epoch) 0.8924 (README, "Conversion").
+content (1 epoch) 0.8924 (``docs/experiments.md``, "Conversion").
 ``conversion.py:smoke`` runs a few steps of every stage (tests).
 """
 

@@ -36,7 +36,7 @@ Expected runtime and result (measured, 2-core CPU, ``--workers=2``): 52 minutes 
 runs; test accuracy at 500 / 55,000 images: cnn 0.750 / 0.830, attention_quadratic 0.737 / 0.789,
 attention_learned 0.747 / 0.796, attention_learned_content 0.742 / 0.820, attention_conv_init
 0.753 / 0.804 (means over 3 seeds; all points in ``experiments/results/data_scaling.json`` and
-README, "When does the convolution's restriction help?").
+``docs/experiments.md``, "Data efficiency").
 """
 
 from __future__ import annotations

@@ -40,18 +40,20 @@ step schedule dividing the lr by 10 at epochs 80, 150 and 250 of 300 on CIFAR-10
 exactly at those epochs; the authors' PyTorch loop shifted it by one epoch), at epochs 15 and 25
 of 30 on Fashion-MNIST; random crops (padding 4 on CIFAR-10, 2 on Fashion-MNIST) and flips.
 
-Every run holds 5000 training images out for model selection (seed 42); the reported test
-accuracy is that of the best-validation model.
+Every run holds 5000 training images out for model selection and trains with seed 42; the
+reported test accuracy is that of the best-validation model.
 
-Expected runtime: CIFAR-10, 300 epochs x 450 steps of batch 100: GPU-sized (README "Performance"
-gives the measured step rates on one H100), days on a 2-core CPU; ResNet18 about 1.5-2 h on one
-H100 in float32. Fashion-MNIST, 100 epochs x 550 steps: minutes per epoch on one H100, hours per
-epoch on a 2-core CPU; ResNet18 (30 epochs) about 10 minutes on one H100. ``smoke``: under a
+Expected runtime: CIFAR-10, 300 epochs x 450 steps of batch 100, is GPU-sized (days on a 2-core
+CPU); ``python -m experiments.benchmarks.train_throughput --models=paper_quadratic --batches=100
+--dtypes=bfloat16`` measures a model's step rate on the machine at hand and projects the wall
+time of the 300 epochs on a GPU. Estimates for one H100: ResNet18 1.5-2 h in float32 on
+CIFAR-10, about 10 minutes on Fashion-MNIST (30 epochs); the attention models' Fashion-MNIST runs
+(100 epochs x 550 steps) minutes per epoch (hours per epoch on a 2-core CPU). ``smoke``: under a
 minute on a 2-core CPU (Fashion-MNIST).
 
 Expected result: on CIFAR-10 the paper's Table 1 test accuracy; on Fashion-MNIST the paper
-reports no numbers (README "Results" has the measured CPU-sized runs). Parameter counts of these
-models (10 classes), pinned in ``tests/test_configs.py``:
+reports no numbers (``docs/experiments.md`` has the measured CPU-sized runs). Parameter counts
+of these models (10 classes), pinned in ``tests/test_configs.py``:
 
 =================  ======================  ===================  =========================
 model              CIFAR-10 test accuracy  CIFAR-10 parameters  Fashion-MNIST parameters
