@@ -66,6 +66,10 @@ def hard_attention(logits: Array, axis: int = -1) -> Array:
 
   Lemma 1's hard attention. With a unique maximum (the quadratic encoding with integer centres
   on the integer lattice, Lemma 2) it is exactly one-hot, with entries exactly 0.0 and 1.0.
+  The comparison with the maximum is exact, so the logits must be one computed value: XLA may
+  recompute an elementwise producer in each of its consumers, and a producer with many
+  roundings (e.g. centres drawn from a PRNG inside the same jitted function as the attention)
+  may then round differently in the maximum and in the comparison. Pass such inputs in.
   """
   is_max = (logits == jnp.max(logits, axis=axis, keepdims=True)).astype(logits.dtype)
   return is_max / jnp.sum(is_max, axis=axis, keepdims=True)
@@ -142,14 +146,15 @@ def project(heads: Array, kernel: Array, bias: Array | None = None, *, precision
   ``bias`` ``(D,)`` or None.
   """
   y = jnp.einsum("bqhc,hcd->bqd", heads, kernel, precision=precision)
-  return y if bias is None else y + bias
+  return y if bias is None else y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
 
 
 def aggregate_project(probs: Array, values: Array, kernel: Array, *, precision=None) -> Array:
   """``sum_h (P_h V) W^(h)`` for batch-free probabilities and shared values, as one einsum.
 
-  Equal to ``project(aggregate(probs, values), kernel)``; the einsum picks the cheaper order of
-  the two contractions and forms no ``(B, Nq, H, C)`` tensor in between unless that is cheaper.
+  ``project(aggregate(probs, values), kernel)`` as one einsum over the batch-free probabilities,
+  contracting the keys first (the order of the MHSA equation; with hard attention the
+  aggregation only selects values and the projection sums what an im2col convolution sums).
 
   Args:
     probs: ``(H, Nq, Nk)``.
@@ -165,7 +170,9 @@ def aggregate_project(probs: Array, values: Array, kernel: Array, *, precision=N
       f"kernel: expected shape ({h}, C, D) with values (B, {nk}, C), got kernel {kernel.shape} "
       f"and values {values.shape}"
     )
-  return jnp.einsum("hqk,bkc,hcd->bqd", probs, values, kernel, precision=precision)
+  return jnp.einsum(
+    "hqk,bkc,hcd->bqd", probs, values, kernel, precision=precision, optimize=[(0, 1), (0, 1)]
+  )
 
 
 def aggregate_separable(
@@ -321,7 +328,7 @@ def relative_attention(
     else:
       y = project(aggregate(p, values, precision=precision), kernel, precision=precision)
   if bias is not None:
-    y = y + bias
+    y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
   return (y, probs) if return_probs else y
 
 
@@ -453,4 +460,4 @@ def gather_project(
 
   out = _blocks(images, *_chunks(b, IM2COL_MAX_ELEMENTS // row), axis=0)
   out = out.reshape(b, -1, d).astype(keys.dtype)
-  return out if bias is None else out + bias
+  return out if bias is None else out + jnp.reshape(bias, (1, 1, -1))

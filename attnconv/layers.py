@@ -66,10 +66,11 @@ def spread_init(std: float = 0.01) -> Initializer:
 def check_input(layer: MultiHeadRelativeAttention, x: Array) -> int:
   """The number of spatial axes of ``x``; raises ValueError naming ``x`` or the layer's first
   invalid field."""
-  if not hasattr(x, "ndim") or x.ndim not in (3, 4, 5):
+  if not hasattr(x, "ndim"):
+    raise TypeError(f"x: expected an array, got {type(x).__name__}")
+  if x.ndim not in (3, 4, 5):
     raise ValueError(
-      f"x: expected rank 3, 4 or 5 (batch, 1-3 spatial axes, features), got shape "
-      f"{getattr(x, 'shape', type(x).__name__)}"
+      f"x: expected rank 3, 4 or 5 (batch, 1-3 spatial axes, features), got shape {x.shape}"
     )
   d = x.ndim - 2
   check_config(layer, d)
@@ -93,6 +94,7 @@ def check_config(layer: MultiHeadRelativeAttention, d: int) -> None:
     ("implementation", layer.implementation in IMPLEMENTATIONS, f"one of {IMPLEMENTATIONS}"),
     ("sharpness_param", layer.sharpness_param in ("spread", "alpha"), "'spread' or 'alpha'"),
     ("dropout_rate", 0.0 <= layer.dropout_rate < 1.0, "0 <= rate < 1"),
+    ("padding_mode", layer.padding_mode in grids.PADDING_MODES, f"one of {grids.PADDING_MODES}"),
     ("hard", not layer.hard or layer.encoding == "quadratic", "False unless encoding='quadratic'"),
   ]
   for name, ok, expected in checks:
@@ -119,6 +121,20 @@ def check_config(layer: MultiHeadRelativeAttention, d: int) -> None:
       f"encoding: content attention needs queries == keys (no padding, strides, "
       f"input dilation or query window), got encoding={layer.encoding!r}"
     )
+
+
+def check_out_kernel(layer: MultiHeadRelativeAttention, have: tuple, want: tuple) -> None:
+  """Raises ValueError naming ``num_heads`` or ``x`` when the variables' out kernel (``have``)
+  does not fit the layer and input (``want``, both ``(H, D_h, D_out)``)."""
+  if have[0] != want[0]:
+    raise ValueError(
+      f"num_heads: expected {have[0]} (the out kernel of the variables has shape {have}), got "
+      f"{want[0]}"
+    )
+  if layer.value_features is None and have[1] != want[1]:
+    raise ValueError(f"x: expected {have[1]} input features on the last axis, got {want[1]}")
+  if have != want:
+    raise ValueError(f"x: expected inputs giving an out kernel of shape {have}, got {want}")
 
 
 def layer_grids(layer: MultiHeadRelativeAttention, spatial_shape: Sequence[int]):
@@ -333,12 +349,7 @@ class MultiHeadRelativeAttention(nn.Module):
     """``out``: kernel ``(H, D_h, D_out)`` (initialised as ``DenseGeneral`` over both axes)."""
     want = (self.num_heads, heads_dim, out_features)
     if self.has_variable("params", "out"):
-      have = tuple(self.get_variable("params", "out")["kernel"].shape)
-      if have != want:
-        raise ValueError(
-          f"x: expected inputs giving an out kernel of shape {want} (heads, features, "
-          f"out_features), but the variables have {have}"
-        )
+      check_out_kernel(self, tuple(self.get_variable("params", "out")["kernel"].shape), want)
 
     def init(rng):
       k_rng, b_rng = jax.random.split(rng)

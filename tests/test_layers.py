@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 from jax.test_util import check_grads
 
 from attnconv import attention as attn
+from attnconv import construction, grids
 from attnconv import encodings as enc
 from attnconv.layers import ENCODINGS, MultiHeadRelativeAttention
 
@@ -50,10 +51,13 @@ def forward(model, x, variables=None, *, key=None, deterministic=True, dropout_s
   """Jitted ``init`` (if needed) and ``apply`` with sown intermediates: ``(variables, y, probs)``."""
   key = jax.random.key(0) if key is None else key
 
+  if variables is None:
+    # initialised in its own call: centres drawn inside the same jitted function as the hard
+    # attention could be recomputed with other roundings (see attention.hard_attention)
+    variables = jax.jit(model.init)(key, x)
+
   @jax.jit
   def f(variables, x):
-    if variables is None:
-      variables = model.init(key, x)
     rngs = None if deterministic else {"dropout": dropout_key(dropout_seed)}
     y, state = model.apply(
       variables, x, deterministic=deterministic, mutable=["intermediates"], rngs=rngs
@@ -80,6 +84,28 @@ def layer_inputs(draw, max_d: int = 3):
   b = draw(st.integers(1, 2))
   x = rng_for(spatial, c, h, b).normal(size=(b, *spatial, c)).astype(np.float32)
   return x, h
+
+
+@st.composite
+def centres(draw, num_heads: int, d: int, lo: float, hi: float, integer: bool = False):
+  """``(num_heads, d)`` float32 centres in ``[lo, hi]`` (integers if ``integer``)."""
+  elements = st.integers(int(lo), int(hi)) if integer else st.floats(lo, hi, width=32)
+  values = draw(st.lists(elements, min_size=num_heads * d, max_size=num_heads * d))
+  return np.asarray(values, np.float32).reshape(num_heads, d)
+
+
+@st.composite
+def heads_and_centres(draw, d: int, lo: float, hi: float, integer: bool = False):
+  """``(num_heads, centres)`` with 1-3 heads."""
+  h = draw(st.integers(1, 3))
+  return h, draw(centres(h, d, lo, hi, integer))
+
+
+@st.composite
+def inputs_and_integer_centres(draw, max_d: int = 2):
+  """``((x, num_heads), integer centres in {-1, 0, 1})`` for the hard limit."""
+  x, h = draw(layer_inputs(max_d=max_d))
+  return (x, h), draw(centres(h, x.ndim - 2, -1, 1, integer=True))
 
 
 def assert_within(got, want, bound) -> None:
@@ -241,33 +267,41 @@ def test_sharpness_parametrisation(sharpness_param):
   variables, _, probs = forward(model, x)
   p = variables["params"]
   alpha = 0.5 * p["spreads"] ** 2 if sharpness_param == "spread" else p["alpha"]
-  qpos = kpos = enc.grid_positions((4, 3))
-  want = jax.jit(lambda c, a: attn.softmax(enc.quadratic_logits(qpos, kpos, c, a)))(
-    p["centers"], alpha
-  )
+  qpos = kpos = grids.grid_positions((4, 3))
+  want = jax.jit(
+    lambda c, a: attn.softmax(enc.combine_axis_logits(enc.quadratic_logits(qpos, kpos, c, a)))
+  )(p["centers"], alpha)
   np.testing.assert_allclose(probs, np.asarray(want), atol=(12 + 8) * F32_EPS, rtol=0)
 
 
+@st.composite
+def sharp_heads(draw):
+  """``(d, num_heads, centres in [-0.5, 0.5], shift t in {-1, 0, 1}^d)``."""
+  d = draw(st.integers(1, 3))
+  h, c = draw(heads_and_centres(d, -0.5, 0.5))
+  t = tuple(draw(st.lists(st.integers(-1, 1), min_size=d, max_size=d)))
+  return d, h, c, t
+
+
 @layer_settings
-@given(st.integers(1, 3), st.integers(1, 3), st.data())
-def test_quadratic_probability_maps_are_translation_equivariant(d, h, data):
+@given(sharp_heads())
+def test_quadratic_probability_maps_are_translation_equivariant(case):
   """``P[q + t, k + t] = P[q, k]`` for sharp heads with small centres, away from the borders.
 
   With alpha = 18 the mass beyond distance 2 of the centre is below ``exp(-18 * 2.5^2)``, far
   under float32 resolution, so interior rows of the map agree up to rounding.
   """
+  d, h, c, t = case
   n = {1: 9, 2: 7, 3: 5}[d]
   spatial = (n,) * d
   model = MultiHeadRelativeAttention(h, sharpness_param="alpha")
   x = jnp.zeros((1, *spatial, 1))
   variables = jax.jit(model.init)(jax.random.key(0), x)
-  c = np.asarray(data.draw(st.lists(st.floats(-0.5, 0.5), min_size=h * d, max_size=h * d)))
-  params = dict(variables["params"], centers=c.reshape(h, d), alpha=np.full((h,), 18.0))
+  params = dict(variables["params"], centers=c, alpha=np.full((h,), 18.0, np.float32))
   variables = {"params": params}
   pos = np.asarray(
     jax.jit(lambda v: model.apply(v, spatial, method=model.position_probabilities))(variables)
   ).reshape(h, *spatial, *spatial)
-  t = tuple(data.draw(st.integers(-1, 1)) for _ in range(d))
   margin = 3 + 1  # |Delta| <= 0.5 plus the 2.5-wide tail plus |t| <= 1
   inner = [range(margin - 1, n - margin + 1) for _ in range(d)]
   for q in np.ndindex(*[len(r) for r in inner]):
@@ -324,53 +358,6 @@ def test_content_attention_is_permutation_equivariant(n, h, c, rnd):
   np.testing.assert_allclose(pp, p[:, :, perm][:, :, :, perm], atol=4 * n * F32_EPS, rtol=0)
 
 
-@layer_settings
-@given(layer_inputs(max_d=2), st.sampled_from(["content", "learned_content", "quadratic_content"]))
-def test_folded_key_projection_equals_projected_keys(inputs, encoding):
-  """``fold_key_projection`` (scores ``(q W_k^T) . x``) against ``q . (x W_k + b_k)``: the same
-  parameters, the same probabilities and outputs, and an exactly zero key-bias gradient.
-
-  Bound: both paths' logits carry at most ``2 (C + D_k + 2) u S`` of rounding, S the largest sum
-  of |terms| of a score; a logit error delta moves a probability by at most 3 delta, and the
-  output by ``N_k`` times that times ``output_scale``, plus the usual aggregation rounding."""
-  x, h = inputs
-  d, c, nk = x.ndim - 2, x.shape[-1], n_keys(x)
-  dk = 2 * d
-  kw = {"qk_features": dk, "use_dot_product_attention": False}
-  folded = MultiHeadRelativeAttention(h, encoding=encoding, **kw)
-  plain = MultiHeadRelativeAttention(h, encoding=encoding, fold_key_projection=False, **kw)
-  variables, y, p = forward(folded, x, key=jax.random.key(3))
-  variables_plain = jax.jit(plain.init)(jax.random.key(3), x)
-  chex.assert_trees_all_equal(variables, variables_plain)  # same parameters, same initialisation
-  # a key bias large enough to matter if it were not a per-query constant
-  variables = flax.core.unfreeze(variables)
-  variables["params"]["key"]["bias"] = variables["params"]["key"]["bias"] + 3.0
-  _, y0, p0 = forward(plain, x, variables)
-  _, y, p = forward(folded, x, variables)
-  prm = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["params"])
-  xf = np.asarray(x, np.float64).reshape(x.shape[0], nk, c)
-  q = np.einsum("bnc,chd->bnhd", xf, prm["query"]["kernel"]) + prm["query"]["bias"]
-  k = np.einsum("bnc,chd->bnhd", xf, prm["key"]["kernel"]) + prm["key"]["bias"]
-  s_plain = np.einsum("bqhd,bkhd->bhqk", np.abs(q), np.abs(k))
-  s_fold = np.einsum("bqhd,chd,bkc->bhqk", np.abs(q), np.abs(prm["key"]["kernel"]), np.abs(xf))
-  delta = 2 * 2 * (c + dk + 2) * F32_EPS * max(s_plain.max(), s_fold.max()) / np.sqrt(dk)
-  p_bound = 3 * delta + 8 * (nk + 2) * F32_EPS
-  np.testing.assert_allclose(p, p0, rtol=0, atol=p_bound)
-  bound = (nk * p_bound + 2 * (nk + h * c + 4) * F32_EPS) * output_scale(variables, x)
-  assert_within(y, y0, bound)
-
-  def key_bias_grad(model):
-    def loss(params):
-      out = model.apply(
-        {"params": params}, x, deterministic=False, rngs={"dropout": dropout_key(0)}
-      )
-      return jnp.sum(out**2)
-
-    return jax.jit(jax.grad(loss))(variables["params"])["key"]["bias"]
-
-  np.testing.assert_array_equal(key_bias_grad(folded.clone(dropout_rate=0.2)), 0.0)
-
-
 # ----------------------------------------------------------------------------------------------
 # implementations
 # ----------------------------------------------------------------------------------------------
@@ -395,29 +382,34 @@ def test_separable_equals_dense(inputs, encoding, padded):
 
 
 @layer_settings
-@given(layer_inputs(max_d=2), st.integers(1, 2), st.data())
-def test_gather_equals_dense_hard_exactly(inputs, stride, data):
-  x, h = inputs
-  d = x.ndim - 2
+@given(inputs_and_integer_centres(), st.integers(1, 2), st.booleans())
+def test_gather_equals_dense_hard(case, stride, integer):
+  """The same one-hot probabilities (exactly), and outputs equal up to the order of the
+  ``H C``-term sums per output (``2 H C eps sum|terms|``); exactly equal for integer-valued
+  inputs and kernels, where every partial sum is exact in float32."""
+  (x, h), c = case
   kw = {"padding": "SAME", "query_window": 3, "strides": stride, "hard": True}
   dense = MultiHeadRelativeAttention(h, **kw)
   gather = MultiHeadRelativeAttention(h, implementation="gather", **kw)
   variables = jax.jit(dense.init)(jax.random.key(0), x)
-  c = data.draw(st.lists(st.integers(-1, 1), min_size=h * d, max_size=h * d))
-  params = dict(variables["params"], centers=np.asarray(c, np.float32).reshape(h, d))
+  params = dict(variables["params"], centers=c)
+  if integer:
+    x = np.round(4 * x)
+    params["out"] = jax.tree.map(lambda p: np.round(8 * np.asarray(p)), params["out"])
   variables = {"params": params}
   _, y, p = forward(dense, x, variables)
   _, yg, pg = forward(gather, x, variables)
   np.testing.assert_array_equal(pg, p)
-  np.testing.assert_array_equal(yg, y)
+  if integer:
+    np.testing.assert_array_equal(yg, y)
+  else:
+    assert_within(yg, y, 2 * h * x.shape[-1] * F32_EPS * output_scale(variables, x))
 
 
 def test_gather_in_blocks_equals_one_block(monkeypatch):
   """With ``IM2COL_MAX_ELEMENTS`` below one query row of the batch, the layer's gather path runs
   blocks of rows of single images (nested ``lax.map`` plus remainders): the same sum per output
   (float32: within ``H C eps sum|terms|`` of the single block)."""
-  from attnconv import attention as attn_lib
-
   x = jax.random.normal(jax.random.key(0), (3, 7, 5, 3))
   layer = MultiHeadRelativeAttention(
     9, implementation="gather", hard=True, padding="SAME", query_window=3
@@ -429,7 +421,7 @@ def test_gather_in_blocks_equals_one_block(monkeypatch):
   row = 5 * 9 * 3  # one query row of one image: 5 queries x 9 heads x 3 channels
   # Blocks of one row of one image; of images 2 + 1 with 1-2 rows each; of one row of all 3.
   for limit in (0, 2 * row, 3 * row):
-    monkeypatch.setattr(attn_lib, "IM2COL_MAX_ELEMENTS", limit)
+    monkeypatch.setattr(attn, "IM2COL_MAX_ELEMENTS", limit)
     blocks = layer.apply(variables, x)
     kernel = np.abs(np.asarray(variables["params"]["out"]["kernel"]))
     scale = np.max(np.abs(np.asarray(x))) * kernel.sum(axis=(0, 1)).max()
@@ -447,7 +439,7 @@ GRAD_CONFIGS = [
   ("learned", {}),
   ("content", {}),
   ("learned_content", {"qk_features": 2}),
-  # explicit probabilities: the key projection folded into the queries
+  # explicit probabilities instead of jax.nn.dot_product_attention
   ("content", {"use_dot_product_attention": False}),
   ("learned_content", {"qk_features": 2, "use_dot_product_attention": False}),
 ]
@@ -573,7 +565,6 @@ def test_grid_helpers_padding_strides_and_dilation():
   model = MultiHeadRelativeAttention(
     2, padding="SAME", query_window=3, strides=2, input_dilation=(1, 2)
   )
-  assert model.query_shape((5, 4)) == (3, 4)
   x = jnp.ones((1, 5, 4, 1))
   variables = jax.eval_shape(model.init, jax.random.key(0), x)
   kv = jax.eval_shape(lambda v: model.apply(v, x, method=model.key_values), variables)
@@ -609,13 +600,25 @@ X2 = jnp.zeros((1, 4, 4, 2))
       X2,
       r"implementation: 'separable' needs encoding 'quadratic' or 'learned', got 'generalized'",
     ),
-    ({"implementation": "gather"}, X2, r"implementation: 'gather' .*hard=True, got .*hard=False"),
-    ({"encoding": "learned", "hard": True}, X2, r"hard: only the quadratic .*got 'learned'"),
+    (
+      {"implementation": "gather"},
+      X2,
+      r"implementation: 'gather' .*expected hard=True .*got hard=False",
+    ),
+    (
+      {"encoding": "learned", "hard": True},
+      X2,
+      r"hard: expected False unless encoding='quadratic', got True",
+    ),
     ({"sharpness_param": "beta"}, X2, r"sharpness_param: expected 'spread' or 'alpha'"),
     ({"dropout_rate": 1.0}, X2, r"dropout_rate: expected 0 <= rate < 1, got 1.0"),
     ({"dropout_rate": -0.5}, X2, r"dropout_rate: expected 0 <= rate < 1"),
-    ({"strides": 0}, X2, r"strides: expected positive integers, got \(0, 0\)"),
-    ({"strides": (1, 1, 1)}, X2, r"expected .*strides=\(1, 1, 1\), got"),
+    ({"strides": 0}, X2, r"strides: expected integers >= 1, got 0"),
+    (
+      {"strides": (1, 1, 1)},
+      X2,
+      r"strides: expected an int or a sequence of 2 ints, got \(1, 1, 1\)",
+    ),
     (
       {"encoding": "content", "padding": "SAME"},
       X2,
@@ -627,9 +630,9 @@ X2 = jnp.zeros((1, 4, 4, 2))
       r"encoding: content attention needs queries == keys",
     ),
     ({"padding": "FULL"}, X2, r"padding: expected 'SAME', 'SAME_LOWER', 'VALID' .*'FULL'"),
-    ({"padding": ((1, 1),)}, X2, r"expected .*padding=\(\(1, 1\),\), got"),
+    ({"padding": ((1, 1),)}, X2, r"padding: expected 2 \(low, high\) pairs, got \(\(1, 1\),\)"),
     ({"padding": ((1, 1), 1)}, X2, r"padding: expected 2 \(low, high\) pairs"),
-    ({"padding_mode": "edge", "padding": "SAME"}, X2, r"mode: expected one of .*'edge'"),
+    ({"padding_mode": "edge", "padding": "SAME"}, X2, r"padding_mode: expected one of .*'edge'"),
     (
       {"encoding": "learned", "max_distance": 2},
       X2,
@@ -639,17 +642,17 @@ X2 = jnp.zeros((1, 4, 4, 2))
     (
       {"hard": True, "implementation": "gather", "value_features": 2},
       X2,
-      r"value_features: 'gather' reads the input directly; expected None, got 2",
+      r"implementation: 'gather' .*expected hard=True and value_features=None, got .*value_features=2",
     ),
     (
       {"encoding": "learned_content", "qk_features": 3},
       X2,
-      r"qk_features: expected a multiple of the number of axes 2",
+      r"qk_features: expected rel_features \* 2 .*got qk_features=3",
     ),
     (
       {"encoding": "learned_content", "qk_features": 4, "rel_features": 1},
       X2,
-      r"rel_features: expected qk_features / d = 2, got 1",
+      r"qk_features: expected rel_features \* 2 .*rel_features=1",
     ),
   ],
   ids=lambda v: str(v)[:40],
@@ -669,8 +672,10 @@ def test_invalid_arguments_on_apply_and_methods():
   content = MultiHeadRelativeAttention(2, encoding="content")
   with pytest.raises(ValueError, match=r"encoding: 'content' is content-dependent"):
     content.apply({}, (4, 4), method=content.position_probabilities)
-  with pytest.raises(ValueError, match=r"num_heads"):
-    MultiHeadRelativeAttention(-1).query_shape((4,))
+  with pytest.raises(ValueError, match=r"num_heads: expected a positive int, got -1"):
+    MultiHeadRelativeAttention(-1).apply(
+      {}, (4,), method=MultiHeadRelativeAttention.position_probabilities
+    )
 
 
 def test_every_encoding_runs_on_every_dimension():
@@ -685,7 +690,9 @@ def test_every_encoding_runs_on_every_dimension():
 
 def test_float_grid_argument_names_the_argument():
   model = MultiHeadRelativeAttention(2, query_window=1.5)
-  with pytest.raises(TypeError, match=r"query_window: expected an int or 2 ints, got 1.5"):
+  with pytest.raises(
+    TypeError, match=r"query_window: expected an int or a sequence of 2 ints, got 1.5"
+  ):
     model.init(jax.random.key(0), X2)
 
 
@@ -693,3 +700,307 @@ def test_head_count_mismatch_on_apply_raises_value_error():
   variables = MultiHeadRelativeAttention(2).init(jax.random.key(0), X2)
   with pytest.raises(ValueError, match=r"num_heads: expected 2 .*got 3"):
     MultiHeadRelativeAttention(3).apply(variables, X2)
+
+
+# ----------------------------------------------------------------------------------------------
+# the layer runs the equations' functions; sowing never changes the computation
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+  "encoding, kwargs, functions",
+  [
+    ("quadratic", {}, ["encodings.quadratic_logits", "attention.relative_attention"]),
+    ("quadratic", {"hard": True}, ["attention.hard_attention", "attention.relative_attention"]),
+    (
+      "quadratic",
+      {"hard": True, "implementation": "gather", "padding": "SAME", "query_window": 3},
+      ["encodings.quadratic_logits", "attention.gather_project"],
+    ),
+    ("quadratic", {"implementation": "separable"}, ["attention.aggregate_separable"]),
+    ("generalized", {}, ["encodings.generalized_quadratic_logits"]),
+    ("learned", {}, ["encodings.learned_logits", "encodings.relative_embeddings"]),
+    (
+      "learned_content",
+      {"qk_features": 4},
+      ["encodings.query_relative_logits", "attention.relative_attention"],
+    ),
+    ("content", {"use_dot_product_attention": False}, ["encodings.content_logits"]),
+    ("quadratic_content", {}, ["encodings.quadratic_logits", "attention.relative_attention"]),
+    (
+      "quadratic_content",
+      {"use_dot_product_attention": False},
+      ["encodings.quadratic_logits", "encodings.content_logits"],
+    ),
+  ],
+  ids=str,
+)
+def test_the_layer_runs_the_equation_functions(monkeypatch, encoding, kwargs, functions):
+  """Each equation lives in one function of encodings.py / attention.py, and that function is
+  the one the layer calls (wrapped here to count the calls)."""
+  import attnconv.attention
+  import attnconv.encodings
+
+  modules = {"attention": attnconv.attention, "encodings": attnconv.encodings}
+  calls = dict.fromkeys(functions, 0)
+  for name in functions:
+    module, fn_name = name.split(".")
+    original = getattr(modules[module], fn_name)
+
+    def counted(*args, _original=original, _name=name, **kw):
+      calls[_name] += 1
+      return _original(*args, **kw)
+
+    monkeypatch.setattr(modules[module], fn_name, counted)
+  model = MultiHeadRelativeAttention(2, encoding=encoding, **kwargs)
+  jax.eval_shape(model.init_with_output, jax.random.key(0), jnp.ones((1, 4, 4, 2)))
+  assert all(n > 0 for n in calls.values()), calls
+
+
+SOW_CONFIGS = [
+  ("quadratic", {}),
+  ("quadratic", {"implementation": "separable"}),
+  ("quadratic", {"hard": True, "implementation": "gather", "padding": "SAME", "query_window": 3}),
+  ("quadratic", {"shared_dropout_mask": True}),
+  ("generalized", {}),
+  ("learned", {"implementation": "separable"}),
+  ("content", {}),
+  ("content", {"use_dot_product_attention": False}),
+  ("learned_content", {"qk_features": 4}),
+  ("quadratic_content", {"value_features": 2, "qk_features": 2}),
+]
+
+
+PATHS = (
+  "aggregate_project",
+  "aggregate_separable",
+  "aggregate",
+  "gather_project",
+  "dot_product_attention",
+)
+
+
+@pytest.mark.parametrize("encoding, kwargs", SOW_CONFIGS, ids=str)
+@pytest.mark.parametrize("train", [False, True])
+def test_sowing_never_changes_the_output(monkeypatch, encoding, kwargs, train):
+  """With and without ``mutable=['intermediates']`` the same aggregation path runs (the calls of
+  every path function are counted) and the outputs are equal, in evaluation and in training with
+  attention dropout (same key). Equal within 2 float32 ulps of the output scale: XLA may fuse
+  the extra probabilities output differently and round a few sums otherwise."""
+  dropout = {"dropout_rate": 0.25} if train and "gather" not in str(kwargs) else {}
+  model = MultiHeadRelativeAttention(2, encoding=encoding, **kwargs, **dropout)
+  x = jnp.asarray(rng_for(encoding, str(kwargs)).normal(size=(2, 3, 4, 2)), jnp.float32)
+  variables = jax.jit(model.init)(jax.random.key(0), x)
+  rngs = {"dropout": jax.random.key(5)}
+  calls = []
+  for name in PATHS:
+    module = jax.nn if name == "dot_product_attention" else attn
+    original = getattr(module, name)
+
+    def counted(*args, _original=original, _name=name, **kw):
+      calls.append(_name)
+      return _original(*args, **kw)
+
+    monkeypatch.setattr(module, name, counted)
+
+  def run(mutable):
+    calls.clear()
+    apply = lambda v, x: model.apply(  # noqa: E731
+      v, x, deterministic=not train, rngs=rngs, mutable=mutable
+    )
+    out = jax.jit(apply)(variables, x)
+    return out, sorted(calls)
+
+  (y, state), sown_calls = run(["intermediates"])
+  plain, plain_calls = run(False)
+  assert sown_calls == plain_calls and plain_calls
+  assert state["intermediates"]["attention_probs"][0].ndim in (3, 4)
+  assert_within(y, plain, 2 * F32_EPS * np.max(np.abs(np.asarray(plain))))
+
+
+# ----------------------------------------------------------------------------------------------
+# content attention through jax.nn.dot_product_attention
+# ----------------------------------------------------------------------------------------------
+
+CONTENT = ("content", "learned_content", "quadratic_content")
+
+
+@st.composite
+def content_cases(draw):
+  """``(encoding, x, num_heads, value_features, qk_features)`` on a 2-D grid."""
+  encoding = draw(st.sampled_from(CONTENT))
+  h, w = draw(st.integers(2, 5)), draw(st.integers(2, 5))
+  heads = draw(st.integers(1, 3))
+  features = draw(st.sampled_from([2, 4]))
+  value_features = draw(st.sampled_from([None, 4]))
+  dk = features if value_features is None else value_features  # the fused path's condition
+  x = rng_for(encoding, h, w, heads, features).normal(size=(2, h, w, features))
+  return encoding, x.astype(np.float32), heads, value_features, dk
+
+
+@layer_settings
+@given(content_cases())
+def test_dot_product_attention_equals_explicit_probabilities(case):
+  """Same scores, float32 softmax and contractions in both paths: equal up to float32 rounding
+  of the sums (``n eps sum |p| |v| <= n eps max |v|``, n = keys + features), gradients too."""
+  encoding, x, heads, value_features, dk = case
+  layer = MultiHeadRelativeAttention(
+    num_heads=heads, encoding=encoding, value_features=value_features, qk_features=dk
+  )
+  variables = jax.jit(layer.init)(jax.random.key(1), x)
+  fused = jax.jit(layer.apply)(variables, x)
+  explicit_layer = layer.clone(use_dot_product_attention=False)
+  explicit = jax.jit(explicit_layer.apply)(variables, x)
+  kernel = variables["params"]["out"]["kernel"]
+  n = x.shape[1] * x.shape[2] + x.shape[-1] + kernel.shape[1]
+  scale = (np.abs(x).max() + 1) * float(jnp.abs(kernel).sum(axis=(0, 1)).max())
+  chex.assert_trees_all_close(fused, explicit, atol=n * F32_EPS * scale + 1e-6, rtol=0)
+
+  def grads(model):
+    def loss(params):
+      out = model.apply({"params": params}, x)
+      return jnp.sum(out * jnp.cos(out))
+
+    return jax.jit(jax.grad(loss))(variables["params"])
+
+  chex.assert_trees_all_close(grads(layer), grads(explicit_layer), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("encoding", CONTENT)
+def test_dot_product_attention_bfloat16_within_a_few_ulps(encoding):
+  x = jax.random.normal(jax.random.key(0), (2, 4, 5, 8))
+  layer = MultiHeadRelativeAttention(num_heads=3, encoding=encoding, dtype=jnp.bfloat16)
+  variables = layer.init(jax.random.key(1), x)
+  fused = layer.apply(variables, x).astype(jnp.float32)
+  explicit = layer.clone(use_dot_product_attention=False).apply(variables, x).astype(jnp.float32)
+  scale = float(jnp.abs(explicit).max())
+  assert float(jnp.abs(fused - explicit).max()) <= 4 * BF16_EPS * max(scale, 1.0)
+
+
+def test_content_dropout_masks_the_probabilities():
+  x = jax.random.normal(jax.random.key(0), (2, 3, 3, 4))
+  layer = MultiHeadRelativeAttention(2, encoding="learned_content", qk_features=4, dropout_rate=0.5)
+  variables = layer.init(jax.random.key(1), x)
+  a = layer.apply(variables, x, deterministic=False, rngs={"dropout": jax.random.key(2)})
+  b = layer.apply(variables, x, deterministic=False, rngs={"dropout": jax.random.key(3)})
+  assert not np.allclose(a, b)
+  np.testing.assert_array_equal(layer.apply(variables, x), layer.apply(variables, x))
+
+
+# ----------------------------------------------------------------------------------------------
+# shared attention-dropout mask (position-only encodings)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("encoding", ["quadratic", "learned", "generalized"])
+def test_shared_mask_is_one_mask_for_the_batch(encoding):
+  x1 = jax.random.normal(jax.random.key(0), (1, 4, 5, 3))
+  x = jnp.concatenate([x1, x1, 2 * x1])  # examples 0 and 1 identical, 2 scaled
+  layer = MultiHeadRelativeAttention(
+    num_heads=2, encoding=encoding, dropout_rate=0.3, shared_dropout_mask=True
+  )
+  variables = layer.init(jax.random.key(1), x)
+  rng = jax.random.key(7)
+  y = layer.apply(variables, x, deterministic=False, rngs={"dropout": rng})
+  bias = variables["params"]["out"]["bias"]
+  np.testing.assert_array_equal(y[0], y[1])  # same input, same mask
+  # linear in the input with the same probabilities: the scaled example scales its output
+  np.testing.assert_allclose(y[2] - bias, 2 * (y[0] - bias), rtol=1e-5, atol=1e-5)
+  per_example = layer.clone(shared_dropout_mask=False).apply(
+    variables, x, deterministic=False, rngs={"dropout": rng}
+  )
+  assert not np.allclose(per_example[0], per_example[1])  # independent masks
+  np.testing.assert_array_equal(
+    layer.apply(variables, x), layer.clone(shared_dropout_mask=False).apply(variables, x)
+  )
+
+
+# ----------------------------------------------------------------------------------------------
+# quadratic + content on convolution-style grids
+# ----------------------------------------------------------------------------------------------
+
+
+@st.composite
+def conv_grid_cases(draw):
+  """``(h, w, stride, seed)`` of a converted 3x3 convolution."""
+  return (
+    draw(st.integers(3, 6)),
+    draw(st.integers(3, 6)),
+    draw(st.integers(1, 2)),
+    draw(st.integers(0, 2**16)),
+  )
+
+
+@layer_settings
+@given(conv_grid_cases())
+def test_zero_query_is_the_quadratic_layer(case):
+  """With ``W_qry = 0`` and ``b_qry = 0`` the content scores are exactly 0, so the layer equals
+  the position-only quadratic layer (same centres, alpha, out) on padded, strided grids, and
+  gradients reach the query (training can switch content on)."""
+  h, w, stride, seed = case
+  k0, k1, k2 = jax.random.split(jax.random.key(seed), 3)
+  kernel = jax.random.normal(k0, (3, 3, 2, 3))
+  x = jax.random.normal(k1, (2, h, w, 2))
+  module, variables = construction.conv_to_attention(
+    kernel, strides=stride, padding="SAME", alpha=2.0
+  )
+  content = module.clone(encoding="quadratic_content", qk_features=4)
+  cparams = flax.core.unfreeze(jax.jit(content.init)(k2, x)["params"])
+  chex.assert_trees_all_equal_shapes(
+    {k: cparams[k] for k in ("centers", "alpha", "out")}, variables["params"]
+  )
+  cparams.update(variables["params"])
+  cparams["query"] = jax.tree.map(jnp.zeros_like, cparams["query"])
+  y = jax.jit(content.apply)({"params": cparams}, x)
+  ref = jax.jit(module.apply)(variables, x)
+  chex.assert_trees_all_close(y, ref, atol=1e-5 * float(jnp.abs(ref).max()), rtol=0)
+  grad = jax.jit(jax.grad(lambda p: content.apply({"params": p}, x).sum()))(cparams)
+  assert float(jnp.abs(grad["query"]["kernel"]).max()) > 0
+
+
+def test_queries_read_the_key_grid_at_their_centres():
+  """Content scores use the input feature at the query's own position: with one head centred at
+  0 and alpha tiny, a query whose features equal key k's attends most to k."""
+  layer = MultiHeadRelativeAttention(
+    num_heads=1,
+    encoding="quadratic_content",
+    strides=2,
+    padding="SAME",
+    query_window=3,
+    qk_features=5,
+    out_features=5,
+    sharpness_param="alpha",
+    use_bias=False,
+  )
+  x = jax.random.normal(jax.random.key(0), (1, 5, 5, 5))
+  params = flax.core.unfreeze(layer.init(jax.random.key(1), x)["params"])
+  params["alpha"] = jnp.full((1,), 1e-6)
+  params["centers"] = jnp.zeros((1, 2))
+  eye = jnp.eye(5)[:, None, :] * 10.0
+  params["query"] = {"kernel": eye, "bias": jnp.zeros((1, 5))}
+  params["key"] = {"kernel": eye, "bias": jnp.zeros((1, 5))}
+  _, state = layer.apply({"params": params}, x, mutable="intermediates")
+  (probs,) = state["intermediates"]["attention_probs"]
+  assert probs.shape == (1, 1, 9, 49)  # 3x3 strided queries, 7x7 padded keys
+  keys = layer.apply({"params": params}, x, method=layer.key_values)[0]
+  for qy, qx in [(0, 0), (0, 2), (4, 4)]:
+    q_index = (qy // 2) * 3 + qx // 2
+    scores = keys @ (x[0, qy, qx] * 100.0)
+    assert int(jnp.argmax(probs[0, 0, q_index])) == int(jnp.argmax(scores))
+    assert int(jnp.argmax(probs[0, 0, q_index])) == (qy + 1) * 7 + (qx + 1)
+
+
+def test_quadratic_content_errors():
+  x = jnp.zeros((1, 4, 4, 2))
+  with pytest.raises(ValueError, match="hard: expected False"):
+    MultiHeadRelativeAttention(1, encoding="quadratic_content", hard=True).init(
+      jax.random.key(0), x
+    )
+  with pytest.raises(ValueError, match="implementation: 'separable' needs"):
+    MultiHeadRelativeAttention(1, encoding="quadratic_content", implementation="separable").init(
+      jax.random.key(0), x
+    )
+  layer = MultiHeadRelativeAttention(1, encoding="quadratic_content")
+  params = layer.init(jax.random.key(0), x)
+  with pytest.raises(ValueError, match="encoding: 'quadratic_content' is content-dependent"):
+    layer.apply(params, (4, 4), method=layer.position_probabilities)
