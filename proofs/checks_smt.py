@@ -44,7 +44,7 @@ def _lattice_gap() -> str:
   "with gap >= 1",
 )
 def _exhaustive() -> str:
-  from attnconv import attention as attn
+  from attnconv import grids
   from attnconv.construction import conv_head_offsets
 
   configs = 0
@@ -68,9 +68,9 @@ def _exhaustive() -> str:
                 for t in (max((o - 1) * stride + w - ni, 0) for o, w, ni in zip(out, window, n))
               )
             key_shape = [ni + lo + hi for ni, (lo, hi) in zip(n, pads)]
-            # key coordinates as attnconv.attention.key_grid defines them: index - low
+            # key coordinates as attnconv.grids.key_positions defines them: index - low
             kpos = [np.arange(m, dtype=np.int64) - lo for m, (lo, _) in zip(key_shape, pads)]
-            qpos = attn.query_grid(key_shape, pads, strides=(stride, stride), window=window)
+            qpos = grids.query_grid(key_shape, pads, strides=(stride, stride), window=window)
             centers = conv_head_offsets(ks, (dil, dil)).astype(np.int64)
             # exact integer logits -||delta - Delta||^2, (H, Nq, Nk)
             d0 = kpos[0][None, None, :] - qpos[0][None, :, None] - centers[:, 0, None, None]
@@ -90,7 +90,8 @@ def _exhaustive() -> str:
 @claim(
   "exhaustive.library_logits_are_eq9",
   "exact arithmetic",
-  "the library's float32 quadratic logits (encodings.quadratic_logits, the Eq. 9 head vectors "
+  "the library's float32 quadratic logits (encodings.quadratic_logits summed over axes, the Eq. 9 "
+  "head vectors "
   "applied to the Eq. 9 encoding) equal -alpha ||delta - Delta||^2 (resp. minus alpha||Delta||^2) "
   "exactly on integer grids",
 )
@@ -106,9 +107,10 @@ def _library_logits() -> str:
     qpos = tuple(np.arange(s, dtype=np.int32) for s in shape)
     centers = conv_head_offsets(ks, dil)
     for alpha in (1.0, 3.0):
-      lg = np.asarray(
-        enc.quadratic_logits(qpos, kpos, jnp.asarray(centers, jnp.float32), jnp.float32(alpha))
+      terms = enc.quadratic_logits(
+        qpos, kpos, jnp.asarray(centers, jnp.float32), jnp.float32(alpha)
       )
+      lg = np.asarray(enc.combine_axis_logits(terms))
       delta = np.asarray(enc.relative_offsets(qpos, kpos)).astype(np.int64)  # (Nq, Nk, d)
       dist2 = ((delta[None] - centers[:, None, None, :].astype(np.int64)) ** 2).sum(-1)
       assert np.array_equal(lg.astype(np.float64), -alpha * dist2), (shape, ks)

@@ -33,6 +33,7 @@ import numpy as np
 
 from attnconv import attention as attn
 from attnconv import encodings as enc
+from attnconv import grids
 from experiments.benchmarks import common
 
 
@@ -40,21 +41,20 @@ def make_fn(path: str, size: int, heads: int, position_grads: bool = False):
   """Jitted gradient of a loss of one layer's output: with respect to the input and the output
   kernel, and with ``position_grads`` also the centres and ``alpha`` (as in training, where the
   gradient flows back through the probabilities)."""
-  pos = enc.grid_positions((size, size))
+  pos = grids.grid_positions((size, size))
   centers0 = jnp.asarray(jax.random.normal(jax.random.key(0), (heads, 2)) * 2.0)
   alpha0 = jnp.full((heads,), 0.5)
 
   def fwd(x, kernel, centers=centers0, alpha=alpha0):
-    axis_logits = enc.quadratic_axis_logits(pos, pos, centers, alpha)
-    if path.startswith("separable"):
-      probs = [attn.softmax(t) for t in axis_logits]
-      if path == "separable_projected":
-        return attn.aggregate_project_separable(probs, x, (size, size), kernel)
-      return attn.aggregate_separable(probs, x, (size, size))
-    probs = attn.softmax(enc.combine_axis_logits(axis_logits))
-    if path == "dense_projected":
-      return attn.aggregate_project(probs, x, kernel)
-    return attn.aggregate(probs, x)
+    axis_logits = enc.quadratic_logits(pos, pos, centers, alpha)
+    if path.endswith("_projected"):  # the layer's computation (attention.relative_attention)
+      implementation = path.removesuffix("_projected")
+      return attn.relative_attention(
+        x, kernel, position_logits=axis_logits, implementation=implementation
+      )
+    if path == "separable":
+      return attn.aggregate_separable([attn.softmax(t) for t in axis_logits], x)
+    return attn.aggregate(attn.softmax(enc.combine_axis_logits(axis_logits)), x)
 
   if position_grads:
 
