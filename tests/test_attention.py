@@ -1,15 +1,24 @@
-"""Property tests of :mod:`attnconv.attention`: softmax, hard attention, aggregation, grids.
+"""Property tests of :mod:`attnconv.attention`: probabilities, aggregation, the MHSA equation.
 
-Tolerances come from the dtype: a sum of ``n`` float terms computed in any order is within
-``n * eps * sum|terms|`` of the exact sum (Higham, Eq. 3.5, with ``eps = 2u``, a factor-2 slack),
-and a value rounded to a dtype is within ``eps / 2`` relatively. Hard attention and the gather
-path involve no rounding at all (probabilities are exactly 0.0 and 1.0), so they are compared
-exactly.
+Tolerances come from the dtype. A sum of ``n`` rounded float32 products, in any order, is within
+``n u sum|terms|`` of the exact sum (Higham, Eq. 3.5; ``u = eps / 2``, and the bounds below use
+``eps``: a factor-2 slack). Logits within ``delta`` of the exact ones move each softmax
+probability by at most ``p (e^(2 delta) - 1) <= 2.5 delta p`` (for ``delta`` below 0.1), and the
+float32 softmax adds ``(Nk + 4) u`` relatively. Hard attention and the gather path multiply by
+exact zeros and ones, so they are compared exactly.
+
+:func:`attnconv.attention.relative_attention` is compared with a float64 evaluation of the MHSA
+equation, ``y_q = sum_h softmax(A_h)[q] V_h W_h + b``, for every combination of scores (per-axis,
+full, per-image position scores, content scores) and algorithm (dense, separable, fused,
+dropout, hard) it supports. The arrays have a few fixed shapes and seeded values, so each
+algorithm compiles once or twice for all examples.
 """
 
 from __future__ import annotations
 
+import functools
 import zlib
+from typing import NamedTuple
 
 import chex
 import jax
@@ -22,21 +31,13 @@ from jax.test_util import check_grads
 
 from attnconv import attention as attn
 from attnconv import encodings as enc
+from attnconv import grids
 
 F32_EPS = float(jnp.finfo(jnp.float32).eps)
+F32_TINY = float(jnp.finfo(jnp.float32).tiny)
 BF16_EPS = float(jnp.finfo(jnp.bfloat16).eps)
 DTYPES = {"float32": (jnp.float32, F32_EPS), "bfloat16": (jnp.bfloat16, BF16_EPS)}
-
-
-def run(fn, *args):
-  """``jax.jit(fn)(*args)`` as numpy: one compilation per example instead of one per primitive."""
-  return jax.tree.map(np.asarray, jax.jit(fn)(*args))
-
-
-def dropout_key(seed: int) -> jax.Array:
-  """An ``rbg`` PRNG key: its Bernoulli sampler compiles in well under a second on CPU, against
-  several seconds per shape for the default threefry (the dropout code is key-agnostic)."""
-  return jax.random.key(seed, impl="rbg")
+SEEDS = st.integers(0, 2**32 - 1)
 
 
 def rng_for(*seeds) -> np.random.Generator:
@@ -44,145 +45,191 @@ def rng_for(*seeds) -> np.random.Generator:
   return np.random.default_rng(zlib.crc32(repr(seeds).encode()))
 
 
-@st.composite
-def axis_shapes(draw, max_size: int = 4):
-  """Per-axis ``(Nq_a, Nk_a)`` for a 1-D, 2-D or 3-D grid."""
-  d = draw(st.integers(1, 3))
-  size = max_size if d < 3 else 3
-  return [(draw(st.integers(1, size)), draw(st.integers(1, size))) for _ in range(d)]
+def dropout_key(seed: int) -> jax.Array:
+  """An ``rbg`` PRNG key: its Bernoulli sampler compiles in well under a second on CPU, against
+  seconds per shape for the default threefry (the dropout code is key-agnostic)."""
+  return jax.random.key(seed, impl="rbg")
 
 
-def random_axis_probs(rng, h, shapes):
-  """Row-stochastic per-axis factors ``[(H, Nq_a, Nk_a)]``."""
-  out = []
-  for nq, nk in shapes:
-    p = rng.random((h, nq, nk)).astype(np.float32) + 0.01
-    out.append((p / p.sum(-1, keepdims=True)).astype(np.float32))
-  return out
+def np_softmax(logits: np.ndarray) -> np.ndarray:
+  z = np.exp(logits - np.max(logits, axis=-1, keepdims=True))
+  return z / np.sum(z, axis=-1, keepdims=True)
+
+
+def np_hard(logits: np.ndarray) -> np.ndarray:
+  """Uniform over the argmax set of the last axis."""
+  is_max = (logits == np.max(logits, axis=-1, keepdims=True)).astype(np.float64)
+  return is_max / np.sum(is_max, axis=-1, keepdims=True)
+
+
+def np_combine(terms: list[np.ndarray]) -> np.ndarray:
+  """``A[..., q, k] = sum_a A_a[..., q_a, k_a]`` over row-major grids, in float64."""
+  d = len(terms)
+  lead = terms[0].shape[:-2]
+  q_shape = [t.shape[-2] for t in terms]
+  k_shape = [t.shape[-1] for t in terms]
+  total = np.zeros((*lead, *q_shape, *k_shape))
+  for a, t in enumerate(terms):
+    shape = [*lead] + [1] * (2 * d)
+    shape[len(lead) + a], shape[len(lead) + d + a] = t.shape[-2:]
+    total = total + t.astype(np.float64).reshape(shape)
+  return total.reshape(*lead, int(np.prod(q_shape)), int(np.prod(k_shape)))
+
+
+softmax = jax.jit(attn.softmax)
+hard_attention = jax.jit(attn.hard_attention)
+aggregate = jax.jit(attn.aggregate)
+dropout_probs = jax.jit(attn.dropout_probs, static_argnames=("rate", "batch_size"))
 
 
 # ----------------------------------------------------------------------------------------------
 # softmax and hard attention
 # ----------------------------------------------------------------------------------------------
 
+PROB_SHAPES = ((1, 1, 1), (3, 2, 17))
 
-@given(
-  st.sampled_from(sorted(DTYPES)),
-  st.integers(1, 3),
-  st.integers(1, 5),
-  st.integers(1, 40),
-  st.floats(0.1, 30.0),
-)
-def test_softmax_is_a_distribution_over_keys(dtype_name, h, nq, nk, scale):
+
+@given(st.sampled_from(sorted(DTYPES)), st.sampled_from(PROB_SHAPES), SEEDS, st.floats(0.1, 30))
+def test_softmax_is_a_distribution_over_keys(dtype_name, shape, seed, scale):
   dtype, eps = DTYPES[dtype_name]
-  logits = (rng_for(h, nq, nk).normal(size=(h, nq, nk)) * scale).astype(np.float32)
-  probs = run(lambda x: attn.softmax(x.astype(dtype)), logits)
+  nk = shape[-1]
+  logits = jnp.asarray(np.random.default_rng(seed).normal(size=shape) * scale, dtype)
+  probs = softmax(logits)
   chex.assert_type(probs, dtype)
-  chex.assert_shape(probs, (h, nq, nk))
-  p64 = probs.astype(np.float64)
+  chex.assert_shape(probs, shape)
+  p64 = np.asarray(probs, np.float64)
   assert np.all(p64 >= 0) and np.all(np.isfinite(p64))
-  # float32 softmax: exp, sum and divide each round, (nk + 4) eps; the result rounded to dtype:
-  # every probability within eps/2 relatively, so the float64 sum within eps/2 of the f32 sum.
+  # float32 softmax: (nk + 4) u; then rounded to dtype: every probability within u_dtype.
   tol = (nk + 4) * F32_EPS + eps / 2
   np.testing.assert_allclose(p64.sum(-1), 1.0, atol=tol, rtol=0)
-  # Against a float64 reference (the logits rounded to dtype first).
-  x = np.asarray(jnp.asarray(logits, dtype)).astype(np.float64)
-  ref = np.exp(x - x.max(-1, keepdims=True))
-  ref /= ref.sum(-1, keepdims=True)
-  np.testing.assert_allclose(p64, ref, atol=tol, rtol=0)
+  np.testing.assert_allclose(p64, np_softmax(np.asarray(logits, np.float64)), atol=tol, rtol=0)
 
 
-@given(st.integers(1, 3), st.integers(1, 4), st.integers(2, 9), st.sampled_from(sorted(DTYPES)))
-def test_hard_attention_is_exactly_one_hot_for_unique_maxima(h, nq, nk, dtype_name):
-  dtype, _ = DTYPES[dtype_name]
-  rng = rng_for(h, nq, nk)
-  # Distinct small integers are exact in bfloat16 too.
-  logits = np.stack([rng.permutation(nk) for _ in range(h * nq)]).reshape(h, nq, nk)
-  logits = logits.astype(np.float32) - 4.0
-  probs = run(lambda x: attn.hard_attention(x.astype(dtype)), logits)
+@given(st.sampled_from(sorted(DTYPES)), st.sampled_from(PROB_SHAPES), SEEDS)
+def test_hard_attention_is_exactly_one_hot_and_the_sharp_softmax_limit(dtype_name, shape, seed):
+  """Distinct integer logits (exact in bfloat16): exactly one-hot on the argmax; and the limit
+  of ``softmax(alpha logits)``, within ``Nk e^-alpha`` for gaps of at least 1 (Lemma 1)."""
+  dtype, eps = DTYPES[dtype_name]
+  h, nq, nk = shape
+  rng = np.random.default_rng(seed)
+  logits = np.stack([rng.permutation(nk) for _ in range(h * nq)]).reshape(shape) - 4.0
+  probs = hard_attention(jnp.asarray(logits, dtype))
   chex.assert_type(probs, dtype)
-  want = np.eye(nk, dtype=np.float32)[np.argmax(logits, -1)]
-  np.testing.assert_array_equal(probs.astype(np.float32), want)
+  want = np.eye(nk)[np.argmax(logits, -1)]
+  np.testing.assert_array_equal(np.asarray(probs, np.float64), want)
+  alpha = 30.0
+  sharp = np.asarray(softmax(jnp.asarray(alpha * logits, jnp.float32)), np.float64)
+  np.testing.assert_allclose(sharp, want, atol=nk * np.exp(-alpha) + (nk + 4) * F32_EPS, rtol=0)
 
 
-@given(st.integers(2, 6), st.data())
-def test_hard_attention_is_uniform_over_ties(nk, data):
-  ties = data.draw(st.integers(1, nk))
-  logits = np.zeros((1, 1, nk), np.float32)
-  logits[..., ties:] = -1.0
-  probs = run(attn.hard_attention, logits)
-  want = np.zeros((1, 1, nk), np.float32)
+@given(st.integers(1, 6))
+def test_hard_attention_is_uniform_over_ties(ties):
+  logits = np.full((1, 1, 6), -1.0, np.float32)
+  logits[..., :ties] = 2.5
+  probs = np.asarray(hard_attention(logits))
+  want = np.zeros((1, 1, 6), np.float32)
   want[..., :ties] = np.float32(1.0) / np.float32(ties)
   np.testing.assert_array_equal(probs, want)
 
 
-@pytest.mark.parametrize("shape", [(5,), (2, 3, 4)])
-def test_softmax_gradients_match_finite_differences(shape):
+def test_softmax_gradients_match_finite_differences():
   with jax.enable_x64(True):
-    x = jnp.asarray(rng_for(*shape).normal(size=shape), jnp.float64)
-    check_grads(attn.softmax, (x,), order=1, modes=("fwd", "rev"), eps=1e-6, atol=1e-7, rtol=1e-7)
+    x = jnp.asarray(rng_for(5).normal(size=(2, 3, 4)), jnp.float64)
+    fn = jax.jit(attn.softmax)
+    assert fn(x).dtype == jnp.float64
+    check_grads(fn, (x,), order=1, modes=("fwd", "rev"), eps=1e-6, atol=1e-7, rtol=1e-7)
 
 
 # ----------------------------------------------------------------------------------------------
-# aggregation
+# aggregation and projection
 # ----------------------------------------------------------------------------------------------
 
+# (batch, heads, queries, keys, channels)
+AGG_SHAPES = ((1, 1, 1, 1, 1), (2, 3, 4, 6, 2))
 
-@given(
-  st.booleans(),
-  st.booleans(),
-  st.integers(1, 2),
-  st.integers(1, 3),
-  st.integers(1, 4),
-  st.integers(1, 6),
-  st.integers(1, 3),
-)
-def test_aggregate_matches_naive(batched_probs, per_head_values, b, h, nq, nk, c):
-  rng = rng_for(batched_probs, per_head_values, b, h, nq, nk, c)
+
+@given(st.booleans(), st.booleans(), st.sampled_from(AGG_SHAPES), SEEDS)
+def test_aggregate_matches_naive(batched_probs, per_head_values, shape, seed):
+  b, h, nq, nk, c = shape
+  rng = np.random.default_rng(seed)
   p = rng.random((b, h, nq, nk) if batched_probs else (h, nq, nk)).astype(np.float32)
   v = rng.normal(size=(b, nk, h, c) if per_head_values else (b, nk, c)).astype(np.float32)
-  got = run(attn.aggregate, p, v)
+  got = np.asarray(aggregate(p, v))
   chex.assert_shape(got, (b, nq, h, c))
-  p64 = p.astype(np.float64)
-  p64 = p64 if batched_probs else np.broadcast_to(p64, (b, h, nq, nk))
+  p64 = np.broadcast_to(p.astype(np.float64), (b, h, nq, nk))
   v64 = v.astype(np.float64)
   v64 = v64 if per_head_values else np.broadcast_to(v64[:, :, None, :], (b, nk, h, c))
-  want = np.einsum("bhqk,bkhc->bqhc", p64, v64)
+  want = np.zeros((b, nq, h, c))
+  for bi, qi, hi in np.ndindex(b, nq, h):
+    want[bi, qi, hi] = sum(p64[bi, hi, qi, k] * v64[bi, k, hi] for k in range(nk))
   bound = nk * F32_EPS * np.einsum("bhqk,bkhc->bqhc", np.abs(p64), np.abs(v64))
   np.testing.assert_array_less(np.abs(got - want), bound + 1e-30)
 
 
-@given(axis_shapes(), st.integers(1, 3), st.integers(1, 2), st.booleans())
-def test_aggregate_separable_equals_dense(shapes, h, c, per_head):
-  rng = rng_for(str(shapes), h, c, per_head)
-  axis_probs = random_axis_probs(rng, h, shapes)
+@jax.jit
+def _separable_and_dense(axis_probs, values):
+  full = attn.combine_axis_probs(axis_probs)
+  return attn.aggregate_separable(axis_probs, values), full, attn.aggregate(full, values)
+
+
+# per-axis (queries, keys) of 1-D to 3-D grids
+AXIS_SHAPES = (((3, 5),), ((2, 3), (1, 4)), ((2, 2), (1, 3), (3, 2)))
+
+
+@given(st.sampled_from(AXIS_SHAPES), st.booleans(), SEEDS)
+def test_aggregate_separable_equals_dense(shapes, per_head, seed):
+  b, h, c = 2, 3, 2
+  rng = np.random.default_rng(seed)
+  axis_probs = []
+  for nq, nk in shapes:
+    p = rng.random((h, nq, nk)) + 0.01
+    axis_probs.append((p / p.sum(-1, keepdims=True)).astype(np.float32))
   key_shape = tuple(nk for _, nk in shapes)
-  nk = int(np.prod(key_shape))
-  nq = int(np.prod([n for n, _ in shapes]))
-  b = 2
+  nk, nq, d = int(np.prod(key_shape)), int(np.prod([n for n, _ in shapes])), len(shapes)
   v = rng.normal(size=(b, nk, h, c) if per_head else (b, nk, c)).astype(np.float32)
-  sep, full, dense = run(
-    lambda ps, vals: (
-      attn.aggregate_separable(ps, vals, key_shape),
-      attn.combine_axis_probs(ps),
-      attn.aggregate(attn.combine_axis_probs(ps), vals),
-    ),
-    axis_probs,
-    v,
-  )
+  sep, full, dense = (np.asarray(x) for x in _separable_and_dense(axis_probs, v))
   chex.assert_shape([sep, dense], (b, nq, h, c))
   chex.assert_shape(full, (h, nq, nk))
-  # combine_axis_probs is the Kronecker (outer) product of the factors in row-major order.
+  # combine_axis_probs is the Kronecker (outer) product of the factors, row-major.
   kron = axis_probs[0].astype(np.float64)
   for p in axis_probs[1:]:
     kron = np.stack([np.kron(kron[i], p[i]) for i in range(h)])
-  d = len(shapes)
-  np.testing.assert_allclose(full, kron, rtol=2 * d * F32_EPS, atol=0)
+  np.testing.assert_allclose(full, kron, rtol=d * F32_EPS, atol=0)
   np.testing.assert_allclose(full.astype(np.float64).sum(-1), 1.0, atol=(nk + 2 * d) * F32_EPS)
   v64 = v.astype(np.float64) if per_head else np.broadcast_to(v[:, :, None, :], (b, nk, h, c))
-  absum = np.einsum("hqk,bkhc->bqhc", np.abs(kron), np.abs(v64))
+  absum = np.einsum("hqk,bkhc->bqhc", kron, np.abs(v64))
   bound = (nk + sum(k for _, k in shapes) + 4 * d) * F32_EPS * absum
   np.testing.assert_array_less(np.abs(sep - dense), bound + 1e-30)
+
+
+@jax.jit
+def _project_paths(probs, values, kernel, bias):
+  return (
+    attn.project(attn.aggregate(probs, values), kernel, bias),
+    attn.aggregate_project(probs, values, kernel),
+  )
+
+
+@given(st.sampled_from(AGG_SHAPES), st.integers(1, 3), SEEDS)
+def test_aggregate_project_equals_project_of_aggregate(shape, dout, seed):
+  """``sum_h (P_h V) W_h (+ b)`` as one einsum or as aggregate then project: both within the
+  float32 bound of the float64 sum (of ``Nk`` keys and ``H C`` channels, in any order)."""
+  b, h, nq, nk, c = shape
+  rng = np.random.default_rng(seed)
+  p = rng.random((h, nq, nk)).astype(np.float32)
+  v = rng.normal(size=(b, nk, c)).astype(np.float32)
+  w = rng.normal(size=(h, c, dout)).astype(np.float32)
+  bias = rng.normal(size=(dout,)).astype(np.float32)
+  two_step, fused = (np.asarray(x) for x in _project_paths(p, v, w, bias))
+  chex.assert_shape([two_step, fused], (b, nq, dout))
+  p64, v64, w64 = (x.astype(np.float64) for x in (p, v, w))
+  want = np.einsum("hqk,bkc,hcd->bqd", p64, v64, w64)
+  absw = np.einsum("hqk,bkc,hcd->bqd", np.abs(p64), np.abs(v64), np.abs(w64))
+  bound = (nk + h * c + 2) * F32_EPS * absw
+  np.testing.assert_array_less(np.abs(fused - want), bound + 1e-30)
+  np.testing.assert_array_less(
+    np.abs(two_step - want - bias), bound + F32_EPS * np.abs(want + bias) + 1e-30
+  )
 
 
 def test_aggregate_gradients_match_finite_differences():
@@ -193,7 +240,15 @@ def test_aggregate_gradients_match_finite_differences():
     pb = jnp.asarray(rng.random((2, 2, 3, 4)))
     vh = jnp.asarray(rng.normal(size=(2, 4, 2, 5)))
     for args in ((p, v), (pb, vh)):
-      check_grads(attn.aggregate, args, order=1, modes=("fwd", "rev"), eps=1e-6)
+      check_grads(jax.jit(attn.aggregate), args, order=1, modes=("fwd", "rev"), eps=1e-6)
+    axis_probs = [jnp.asarray(rng.random((2, 2, 3))), jnp.asarray(rng.random((2, 3, 2)))]
+    check_grads(
+      jax.jit(attn.aggregate_separable),
+      (axis_probs, jnp.asarray(rng.normal(size=(2, 6, 3)))),
+      order=1,
+      modes=("fwd", "rev"),
+      eps=1e-6,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -202,10 +257,10 @@ def test_aggregate_gradients_match_finite_differences():
 
 
 @given(st.sampled_from([0.1, 0.25, 0.5, 0.8]), st.integers(0, 3))
-def test_dropout_masks_differ_per_example_and_preserve_mean(rate, seed):
+def test_dropout_masks_differ_per_example_and_rescale_kept_entries(rate, seed):
   b, h, nq, nk = 4, 2, 8, 16
   probs = rng_for(seed).random((h, nq, nk)).astype(np.float32)
-  out = run(lambda k, p: attn.dropout_probs(k, p, rate, b), dropout_key(seed), probs)
+  out = np.asarray(dropout_probs(dropout_key(seed), probs, rate=rate, batch_size=b))
   chex.assert_shape(out, (b, h, nq, nk))
   chex.assert_type(out, jnp.float32)
   scaled = probs / np.float32(1.0 - rate)
@@ -220,177 +275,544 @@ def test_dropout_masks_differ_per_example_and_preserve_mean(rate, seed):
     for j in range(i):
       assert np.any(kept[i] != kept[j]), f"examples {i} and {j} share a dropout mask"
   # The keep fraction is 1 - rate within 6 binomial standard deviations.
-  n = kept.size
-  assert abs(kept.mean() - (1 - rate)) <= 6 * np.sqrt(rate * (1 - rate) / n)
+  assert abs(kept.mean() - (1 - rate)) <= 6 * np.sqrt(rate * (1 - rate) / kept.size)
+
+
+@given(st.sampled_from([0.1, 0.5]), st.integers(0, 3))
+def test_dropout_without_batch_size_draws_one_mask_of_the_probs_shape(rate, seed):
+  """``batch_size=None``: one mask of the probabilities' own shape (shared by the batch when
+  they are batch-free); per-image probabilities keep their shape whatever ``batch_size``."""
+  probs = rng_for(seed).random((2, 8, 16)).astype(np.float32) + 0.5
+  shared = np.asarray(dropout_probs(dropout_key(seed), probs, rate=rate, batch_size=None))
+  chex.assert_shape(shared, probs.shape)
+  assert np.any(shared == 0) and np.any(shared != 0)
+  # The mask depends on the key and the shape only.
+  ones = np.asarray(dropout_probs(dropout_key(seed), np.ones_like(probs), rate=rate))
+  np.testing.assert_array_equal(shared != 0, ones != 0)
+  batched = np.stack([probs, probs])
+  per_image = np.asarray(dropout_probs(dropout_key(seed), batched, rate=rate, batch_size=2))
+  chex.assert_shape(per_image, batched.shape)
 
 
 def test_dropout_expected_value_is_preserved():
   probs = jnp.full((2, 16, 64), 1.0 / 64, jnp.float32)
   rate = 0.3
-  out = run(lambda k: attn.dropout_probs(k, probs, rate, 8), dropout_key(3))
-  n = out.size
+  out = np.asarray(dropout_probs(dropout_key(3), probs, rate=rate, batch_size=8))
   # mean(out) * 64 is the kept fraction / (1 - rate): expectation 1, std sqrt(rate / (1-rate) / n).
-  assert abs(out.mean() * 64 - 1.0) <= 6 * np.sqrt(rate / (1 - rate) / n)
+  assert abs(out.mean() * 64 - 1.0) <= 6 * np.sqrt(rate / (1 - rate) / out.size)
 
 
-def test_dropout_rate_zero_is_identity_and_batched_probs_keep_shape():
+def test_dropout_rate_zero_is_identity():
   probs = rng_for(1).random((2, 3, 4, 5)).astype(np.float32)
-  out = run(lambda k: attn.dropout_probs(k, probs, 0.0, 2), dropout_key(0))
-  np.testing.assert_array_equal(out, probs)
+  out = dropout_probs(dropout_key(0), probs, rate=0.0, batch_size=2)
+  np.testing.assert_array_equal(np.asarray(out), probs)
 
 
 @pytest.mark.parametrize("rate", [1.0, 1.5, -0.1])
 def test_dropout_rate_out_of_range(rate):
   with pytest.raises(ValueError, match=r"rate: expected 0 <= rate < 1, got"):
-    attn.dropout_probs(jax.random.key(0), jnp.ones((1, 2, 2)), rate, 2)
+    attn.dropout_probs(dropout_key(0), jnp.ones((1, 2, 2)), rate, 2)
 
 
 # ----------------------------------------------------------------------------------------------
-# key and query grids
+# relative_attention: the MHSA equation
 # ----------------------------------------------------------------------------------------------
+
+B, H, C, D = 2, 2, 3, 4
+# (query grid, key grid)
+LAYOUTS = (((3,), (5,)), ((2, 3), (3, 4)), ((2, 1, 2), (2, 2, 3)))
+DROPOUT_RATE = 0.25
+
+
+class Case(NamedTuple):
+  """One algorithm of relative_attention: which scores, values and options."""
+
+  position: str | None  # None, "axis" (per-axis terms), "full" (H, Nq, Nk), "image" (B, ...)
+  content: bool = False
+  hard: bool = False
+  implementation: str = "dense"
+  per_head_values: bool = False
+  dk: int = C  # == C: the fused dot_product_attention path applies
+  fused: bool = True  # use_dot_product_attention
+  dropout: bool = False
+  shared_mask: bool = False
+  layout: int = 1  # a second layout besides LAYOUTS[1] (for per-axis scores: another d)
+
+
+CASES = {
+  "axis-dense": Case("axis", layout=2),  # aggregate_project
+  "axis-separable": Case("axis", implementation="separable", layout=2),
+  "axis-separable-per-head": Case(
+    "axis", implementation="separable", per_head_values=True, layout=0
+  ),
+  "full-per-head": Case("full", per_head_values=True),  # aggregate, then project
+  "image": Case("image"),  # per-image position scores
+  "hard-axis": Case("axis", hard=True, layout=0),
+  "hard-axis-separable": Case("axis", hard=True, implementation="separable", layout=2),
+  "hard-full-per-head": Case("full", hard=True, per_head_values=True),
+  "content": Case(None, content=True),  # jax.nn.dot_product_attention
+  "content-axis": Case("axis", content=True, layout=2),
+  "content-image-per-head": Case("image", content=True, per_head_values=True),
+  "content-dk": Case("full", content=True, dk=2),  # D_k != C: the explicit path
+  "content-axis-explicit": Case("axis", content=True, fused=False, layout=0),
+}
+DROPOUT_CASES = {
+  "dropout-axis-shared": Case("axis", dropout=True, shared_mask=True),
+  "dropout-axis-per-example": Case("axis", dropout=True, layout=2),
+  "dropout-axis-separable": Case("axis", implementation="separable", dropout=True),
+  "dropout-full-per-head-shared": Case(
+    "full", per_head_values=True, dropout=True, shared_mask=True
+  ),
+  "dropout-content-axis": Case("axis", content=True, dropout=True, shared_mask=True),
+}
+ALL_CASES = {**CASES, **DROPOUT_CASES}
+
+
+class Inputs(NamedTuple):
+  values: np.ndarray
+  kernel: np.ndarray
+  bias: np.ndarray
+  position: np.ndarray | list[np.ndarray] | None
+  query: np.ndarray | None
+  key: np.ndarray | None
+  q_shape: tuple[int, ...]
+  k_shape: tuple[int, ...]
+
+
+def make_inputs(case: Case, layout: int, seed: int) -> Inputs:
+  q_shape, k_shape = LAYOUTS[layout]
+  nq, nk = int(np.prod(q_shape)), int(np.prod(k_shape))
+  rng = np.random.default_rng(seed)
+
+  def normal(*shape, scale=1.0):
+    return (rng.normal(size=shape) * scale).astype(np.float32)
+
+  values = normal(B, nk, H, C) if case.per_head_values else normal(B, nk, C)
+  position = {
+    None: None,
+    "axis": [normal(H, nq_a, nk_a, scale=2.0) for nq_a, nk_a in zip(q_shape, k_shape)],
+    "full": normal(H, nq, nk, scale=2.0),
+    "image": normal(B, H, nq, nk, scale=2.0),
+  }[case.position]
+  query = normal(B, nq, H, case.dk) if case.content else None
+  key = normal(B, nk, H, case.dk) if case.content else None
+  return Inputs(values, normal(H, C, D), normal(D), position, query, key, q_shape, k_shape)
+
+
+mhsa = jax.jit(
+  attn.relative_attention,
+  static_argnames=(
+    "hard",
+    "implementation",
+    "dropout_rate",
+    "shared_dropout_mask",
+    "use_dot_product_attention",
+    "return_probs",
+  ),
+)
+
+
+def call(case: Case, x: Inputs, *, return_probs: bool, seed: int = 0, fused: bool | None = None):
+  kwargs = {}
+  if case.dropout:
+    kwargs = dict(
+      dropout_rate=DROPOUT_RATE, dropout_rng=dropout_key(seed), shared_dropout_mask=case.shared_mask
+    )
+  return mhsa(
+    x.values,
+    x.kernel,
+    x.bias,
+    position_logits=x.position,
+    query=x.query,
+    key=x.key,
+    hard=case.hard,
+    implementation=case.implementation,
+    use_dot_product_attention=case.fused if fused is None else fused,
+    return_probs=return_probs,
+    **kwargs,
+  )
+
+
+def dropout_mask(case: Case, x: Inputs, seed: int) -> np.ndarray:
+  """The keep mask relative_attention draws: its key, the probabilities' shape and one mask per
+  example unless ``shared_mask`` (batch-free probabilities only)."""
+  nq, nk = int(np.prod(x.q_shape)), int(np.prod(x.k_shape))
+  batch_free = not case.content and case.position != "image"
+  shape = (H, nq, nk) if batch_free else (B, H, nq, nk)
+  batch = None if case.shared_mask else B
+  kept = dropout_probs(dropout_key(seed), jnp.ones(shape), rate=DROPOUT_RATE, batch_size=batch)
+  return np.asarray(kept) != 0
+
+
+class Reference(NamedTuple):
+  y: np.ndarray  # (B, Nq, D)
+  probs: np.ndarray  # (1 | B, H, Nq, Nk), before dropout
+  bound: np.ndarray  # on |y - y_float32|, (B, Nq, D)
+  prob_tol: np.ndarray  # relative, on the probabilities, (1 | B, H, Nq, 1)
+
+
+def reference(case: Case, x: Inputs, mask: np.ndarray | None = None) -> Reference:
+  """``y_q = sum_h P_h[q] V_h W_h + b`` in float64, with the float32 error bound."""
+  d = len(x.q_shape)
+  nk = int(np.prod(x.k_shape))
+  scores, abs_scores, roundings = 0.0, 0.0, 0  # roundings of a float32 logit
+  if case.position == "axis":
+    scores = np_combine(x.position)[None]
+    abs_scores = np_combine([np.abs(t) for t in x.position])[None]
+    roundings += d - 1
+  elif case.position is not None:
+    pos = x.position.astype(np.float64)
+    scores, abs_scores = pos.reshape(-1, *pos.shape[-3:]), np.abs(pos).reshape(-1, *pos.shape[-3:])
+  if case.content:
+    q64, k64 = x.query.astype(np.float64), x.key.astype(np.float64)
+    scale = 1.0 / np.sqrt(case.dk)
+    scores = scores + np.einsum("bqhd,bkhd->bhqk", q64, k64) * scale
+    abs_scores = abs_scores + np.einsum("bqhd,bkhd->bhqk", np.abs(q64), np.abs(k64)) * scale
+    roundings += case.dk + 3  # the scale, the scaled query, D_k products and sums, + position
+  if case.hard:
+    probs = np_hard(scores)
+    prob_tol = np.zeros((*probs.shape[:-1], 1))  # exact zeros and ones
+  else:
+    probs = np_softmax(scores)
+    delta = roundings * F32_EPS * np.max(abs_scores, axis=-1, keepdims=True)
+    prob_tol = 2.5 * delta + (nk + 4 * d + 4) * F32_EPS
+  p = np.broadcast_to(probs, (B, *probs.shape[1:]))
+  tol = np.broadcast_to(prob_tol, (B, *prob_tol.shape[1:]))
+  if mask is not None:
+    p = p * mask / (1.0 - DROPOUT_RATE)
+    tol = tol + 2 * F32_EPS  # 1 - rate and the division round once each
+  v = x.values.astype(np.float64)
+  v = v if case.per_head_values else np.broadcast_to(v[:, :, None, :], (B, nk, H, C))
+  w = x.kernel.astype(np.float64)
+  y = sum(p[:, h] @ v[:, :, h] @ w[h] for h in range(H)) + x.bias
+  # Per head: |sum_k p v - float32| <= (tol + Nk eps) sum_k p |v|; then H C channels and (in the
+  # one-einsum order) H Nk keys more: n = Nk + H Nk + H C + 2 roundings in all.
+  per_head = np.einsum("bhqk,bkhc,hcd->bqhd", p, np.abs(v), np.abs(w))
+  n = nk + H * nk + H * C + 2
+  bound = np.einsum("bhq,bqhd->bqd", tol[..., 0] + n * F32_EPS, per_head)
+  bound = bound + F32_EPS * (np.abs(y) + np.abs(x.bias))  # the bias
+  return Reference(y, probs, bound, prob_tol)
+
+
+def probs_shape(case: Case, x: Inputs) -> tuple[int, ...]:
+  nq, nk = int(np.prod(x.q_shape)), int(np.prod(x.k_shape))
+  batch_free = not case.content and case.position != "image"
+  return (H, nq, nk) if batch_free else (B, H, nq, nk)
 
 
 @st.composite
-def paddings(draw, d, allow_negative=False):
-  lo = -1 if allow_negative else 0
-  return [(draw(st.integers(lo, 2)), draw(st.integers(lo, 2))) for _ in range(d)]
+def layouts_and_seeds(draw):
+  """``(second, seed)``: whether the case runs on its second layout (else LAYOUTS[1], shared by
+  every case), and the seed of its values."""
+  return draw(st.booleans()), draw(SEEDS)
 
 
-@given(st.integers(1, 3), st.sampled_from(["zeros", "circular", "reflect"]), st.data())
-def test_key_grid_matches_numpy_pad(d, mode, data):
-  spatial = tuple(data.draw(st.integers(3, 4)) for _ in range(d))
-  pads = data.draw(paddings(d))
-  x = rng_for(d, mode, spatial).normal(size=(2, *spatial, 2)).astype(np.float32)
-  keys, kpos = attn.key_grid(jnp.asarray(x), pads, mode=mode)
-  np_mode = {"zeros": "constant", "circular": "wrap", "reflect": "reflect"}[mode]
-  np.testing.assert_array_equal(np.asarray(keys), np.pad(x, [(0, 0), *pads, (0, 0)], mode=np_mode))
-  for a in range(d):
-    np.testing.assert_array_equal(kpos[a], np.arange(keys.shape[1 + a]) - pads[a][0])
-    assert kpos[a].dtype == np.int32
+def check_against_reference(case, x, y, probs, mask=None):
+  ref = reference(case, x, mask)
+  chex.assert_shape(y, (B, int(np.prod(x.q_shape)), D))
+  chex.assert_type(y, jnp.float32)
+  np.testing.assert_array_less(np.abs(np.asarray(y, np.float64) - ref.y), ref.bound + 1e-30)
+  probs = np.asarray(probs, np.float64)
+  chex.assert_shape(probs, probs_shape(case, x))
+  want = ref.probs.reshape(probs.shape) if probs.ndim == 3 else ref.probs
+  tol = ref.prob_tol.reshape((*probs.shape[:-1], 1)) if probs.ndim == 3 else ref.prob_tol
+  if case.hard:
+    np.testing.assert_array_equal(probs, want)
+  else:
+    np.testing.assert_array_less(np.abs(probs - want), tol * want + 2 * F32_TINY)
+  d = len(x.q_shape)
+  nk = probs.shape[-1]
+  np.testing.assert_allclose(probs.sum(-1), 1.0, atol=(nk + 4 * d + 4) * F32_EPS, rtol=0)
 
 
-@given(st.integers(1, 3), st.data())
-def test_key_grid_input_dilation_places_pixels_at_dilated_coordinates(d, data):
-  spatial = tuple(data.draw(st.integers(1, 4)) for _ in range(d))
-  dil = tuple(data.draw(st.integers(1, 3)) for _ in range(d))
-  pads = data.draw(paddings(d, allow_negative=True))
-  x = rng_for(d, spatial, dil).normal(size=(1, *spatial, 1)).astype(np.float32) + 10.0
-  try:
-    keys, kpos = attn.key_grid(jnp.asarray(x), pads, input_dilation=dil)
-  except ValueError as err:
-    assert "key grid would be empty" in str(err)
-    return
-  keys = np.asarray(keys)
-  coords = np.meshgrid(*kpos, indexing="ij")
-  for idx in np.ndindex(*keys.shape[1:-1]):
-    c = [coords[a][idx] for a in range(d)]
-    on_pixel = all(c[a] % dil[a] == 0 and 0 <= c[a] // dil[a] < spatial[a] for a in range(d))
-    want = x[(0, *(c[a] // dil[a] for a in range(d)), 0)] if on_pixel else 0.0
-    assert keys[(0, *idx, 0)] == want
+@pytest.mark.parametrize("name", sorted(CASES))
+@given(layouts_and_seeds())
+def test_relative_attention_matches_the_mhsa_equation(name, layout_and_seed):
+  """Every algorithm equals the float64 MHSA equation within its float32 bound, and returns
+  probabilities of the documented shape that are the float64 softmax (hard: exactly)."""
+  case = CASES[name]
+  second, seed = layout_and_seed
+  layout = case.layout if second else 1
+  x = make_inputs(case, layout, seed)
+  y, probs = call(case, x, return_probs=True)
+  check_against_reference(case, x, y, probs)
 
 
-@given(st.integers(1, 3), st.data())
-def test_query_grid_counts_and_coordinates(d, data):
-  key_shape = tuple(data.draw(st.integers(1, 7)) for _ in range(d))
-  pads = data.draw(paddings(d))
-  strides = tuple(data.draw(st.integers(1, 3)) for _ in range(d))
-  window = tuple(data.draw(st.integers(1, k)) for k in key_shape)
-  qpos = attn.query_grid(key_shape, pads, strides=strides, window=window)
-  for a in range(d):
-    n = (key_shape[a] - window[a]) // strides[a] + 1
-    want = np.arange(n) * strides[a] - pads[a][0] + (window[a] - 1) // 2
-    np.testing.assert_array_equal(qpos[a], want)
-    # The window of every query lies on the key grid.
-    assert qpos[a][-1] - (window[a] - 1) // 2 + window[a] - 1 <= key_shape[a] - 1 - pads[a][0]
+@pytest.mark.parametrize("name", sorted(DROPOUT_CASES))
+@given(layouts_and_seeds())
+def test_relative_attention_dropout_matches_the_masked_mhsa_equation(name, layout_and_seed):
+  """Attention dropout multiplies the probabilities by the mask ``dropout_probs`` draws with the
+  same key (``1 / (1 - rate)`` on kept entries): one batch-free mask with
+  ``shared_dropout_mask=True`` and batch-free probabilities, else one mask per example
+  (per-image probabilities always have their own); ``implementation='separable'`` falls back to
+  the dense path."""
+  case = DROPOUT_CASES[name]
+  second, seed = layout_and_seed
+  layout = case.layout if second else 1
+  x = make_inputs(case, layout, seed)
+  mask = dropout_mask(case, x, seed)
+  batch_free = not case.content and case.position != "image"
+  if case.shared_mask and batch_free:
+    assert mask.ndim == 3
+  else:
+    assert mask.shape[0] == B and np.any(mask[0] != mask[1])
+  y, probs = call(case, x, return_probs=True, seed=seed)
+  check_against_reference(case, x, y, probs, mask=mask)
 
 
-@given(st.integers(1, 3), st.data())
-def test_gather_hard_equals_dense_hard_aggregation_exactly(d, data):
-  spatial = tuple(data.draw(st.integers(2, 4)) for _ in range(d))
-  h = data.draw(st.integers(1, 4))
-  r = 1  # integer centres in {-r..r}^d, keys padded by r so every target exists
-  centers = np.asarray(
-    data.draw(st.lists(st.integers(-r, r), min_size=h * d, max_size=h * d)), np.float32
-  ).reshape(h, d)
-  # Non-integer parts below 1/2 round to the same shift.
-  jitter = np.float32(data.draw(st.sampled_from([0.0, 0.25, -0.375])))
-  strides = tuple(data.draw(st.integers(1, 2)) for _ in range(d))
-  pads = [(r, r)] * d
-  x = rng_for(d, spatial, h).normal(size=(2, *spatial, 3)).astype(np.float32)
-  keys, kpos = attn.key_grid(jnp.asarray(x), pads)
-  qpos = attn.query_grid(keys.shape[1:-1], pads, strides=strides, window=(2 * r + 1,) * d)
-  gathered, dense = run(
-    lambda kk, c: (
-      attn.gather_hard(kk, kpos, qpos, c + jitter),
-      attn.aggregate(
-        attn.hard_attention(enc.quadratic_logits(qpos, kpos, c, 1.0)),
-        kk.reshape(kk.shape[0], -1, kk.shape[-1]),
-      ),
-    ),
+@pytest.mark.parametrize("name", sorted(ALL_CASES))
+def test_return_probs_never_changes_the_output(name):
+  """Sowing the probabilities changes nothing: bitwise the same output on every path."""
+  case = ALL_CASES[name]
+  x = make_inputs(case, 1, seed=11)
+  y = call(case, x, return_probs=False, seed=5)
+  y_sown, probs = call(case, x, return_probs=True, seed=5)
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(y_sown))
+  chex.assert_shape(probs, probs_shape(case, x))
+
+
+@pytest.mark.parametrize("name", ["content", "content-axis", "content-image-per-head"])
+@given(seed=SEEDS)
+def test_dot_product_attention_path_equals_the_explicit_path(name, seed):
+  """``jax.nn.dot_product_attention`` and the explicit scores -> softmax -> aggregate path are
+  both within the float32 bound of the MHSA equation, hence within twice of each other."""
+  case = CASES[name]
+  x = make_inputs(case, 1, seed)
+  fused = np.asarray(call(case, x, return_probs=False, fused=True), np.float64)
+  explicit = np.asarray(call(case, x, return_probs=False, fused=False), np.float64)
+  bound = reference(case, x).bound
+  np.testing.assert_array_less(np.abs(fused - explicit), 2 * bound + 1e-30)
+
+
+GRAD_CASES = {
+  "axis-separable": Case("axis", implementation="separable"),
+  "content-axis-explicit": Case("axis", content=True, fused=False),
+}
+
+
+def _mhsa_fn(case: Case, fused: bool | None = None):
+  """relative_attention of ``(values, kernel, bias, position[, query, key])`` for ``case``."""
+
+  def fn(values, kernel, bias, position, query=None, key=None):
+    return attn.relative_attention(
+      values,
+      kernel,
+      bias,
+      position_logits=position,
+      query=query,
+      key=key,
+      implementation=case.implementation,
+      use_dot_product_attention=case.fused if fused is None else fused,
+    )
+
+  return jax.jit(fn)
+
+
+def _float64_args(case: Case, x: Inputs) -> tuple:
+  as64 = lambda a: jax.tree.map(lambda t: jnp.asarray(t, jnp.float64), a)
+  args = (x.values, x.kernel, x.bias, x.position) + ((x.query, x.key) if case.content else ())
+  return as64(args)
+
+
+@pytest.mark.parametrize("name", sorted(GRAD_CASES))
+def test_relative_attention_gradients_match_finite_differences(name):
+  """Gradients of every input (values, kernel, bias, scores, query, key), in float64."""
+  case = GRAD_CASES[name]
+  x = make_inputs(case, 0, seed=3)
+  with jax.enable_x64(True):
+    fn, args = _mhsa_fn(case), _float64_args(case, x)
+    assert fn(*args).dtype == jnp.float64
+    check_grads(fn, args, order=1, modes=("fwd", "rev"), eps=1e-6, atol=1e-6, rtol=1e-6)
+
+
+def test_dot_product_attention_gradients_equal_the_explicit_gradients():
+  """``jax.nn.dot_product_attention`` takes its softmax in float32 whatever the dtype, so its
+  gradients are checked against the explicit path's (checked above by finite differences): within
+  ``n eps max|g|``, ``n`` the terms summed forward and backward (keys, ``D_k``, ``H C``, ``D``)."""
+  case = CASES["content-axis"]
+  x = make_inputs(case, 0, seed=3)
+  nk = int(np.prod(x.k_shape))
+  with jax.enable_x64(True):
+    args = _float64_args(case, x)
+    cotangent = jnp.asarray(np.random.default_rng(4).normal(size=(B, 3, D)))
+    grads = {}
+    for fused in (True, False):
+      fn = _mhsa_fn(case, fused)
+      loss = lambda *a, fn=fn: jnp.vdot(fn(*a), cotangent)
+      grads[fused] = jax.jit(jax.grad(loss, argnums=tuple(range(len(args)))))(*args)
+  n = 2 * (nk + case.dk + H * C + D)
+  for g_fused, g_explicit in zip(jax.tree.leaves(grads[True]), jax.tree.leaves(grads[False])):
+    g_explicit = np.asarray(g_explicit)
+    bound = n * F32_EPS * np.max(np.abs(g_explicit))
+    np.testing.assert_array_less(np.abs(np.asarray(g_fused) - g_explicit), bound)
+
+
+# ----------------------------------------------------------------------------------------------
+# the hard limit as shifted views of the key grid
+# ----------------------------------------------------------------------------------------------
+
+# (spatial, strides) of the gather tests; keys padded by 1, integer centres in {-1, 0, 1}^d
+GATHER_LAYOUTS = (((5,), (2,)), ((4, 3), (1, 2)), ((3, 2, 3), (2, 1, 1)))
+GB, GH, GC, GD = 3, 3, 2, 2
+
+
+def gather_grids(layout: int):
+  spatial, strides = GATHER_LAYOUTS[layout]
+  d = len(spatial)
+  pads = ((1, 1),) * d
+  kpos = grids.key_positions(spatial, pads, input_dilation=(1,) * d)
+  key_shape = tuple(len(k) for k in kpos)
+  qpos = grids.query_grid(key_shape, pads, strides=strides, window=(3,) * d)
+  return spatial, pads, kpos, qpos
+
+
+@st.composite
+def gather_problems(draw):
+  """``(layout, centres (GH, d), jitter, seed)``: integer centres, possibly off by less than 1/2
+  (the same rounded shift)."""
+  layout = draw(st.sampled_from(range(len(GATHER_LAYOUTS))))
+  d = len(GATHER_LAYOUTS[layout][0])
+  centers = draw(st.lists(st.integers(-1, 1), min_size=GH * d, max_size=GH * d))
+  jitter = draw(st.sampled_from([0.0, 0.25, -0.375]))
+  return layout, np.asarray(centers, np.float32).reshape(GH, d), np.float32(jitter), draw(SEEDS)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _gather_and_dense(layout, x, centers, jitter, kernel, bias):
+  _, pads, kpos, qpos = gather_grids(layout)
+  keys, _ = grids.key_grid(x, pads)
+  flat = keys.reshape(keys.shape[0], -1, keys.shape[-1])
+  logits = enc.quadratic_logits(qpos, kpos, centers, 1.0)
+  return (
+    attn.gather_hard(keys, kpos, qpos, centers + jitter),
+    attn.aggregate(attn.hard_attention(enc.combine_axis_logits(logits)), flat),
+    attn.gather_project(keys, kpos, qpos, centers + jitter, kernel, bias),
+    attn.relative_attention(flat, kernel, bias, position_logits=logits, hard=True),
     keys,
-    centers,
+  )
+
+
+@given(gather_problems())
+def test_gather_hard_equals_dense_hard_attention_exactly(problem):
+  """Lemma 1's hard attention read as shifted views equals the one-hot aggregation exactly, and
+  its projection equals relative_attention(hard=True) within the ``H C``-term bound."""
+  layout, centers, jitter, seed = problem
+  spatial, pads, kpos, qpos = gather_grids(layout)
+  d = len(spatial)
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(GB, *spatial, GC)).astype(np.float32)
+  kernel = rng.normal(size=(GH, GC, GD)).astype(np.float32)
+  bias = rng.normal(size=(GD,)).astype(np.float32)
+  gathered, dense, projected, hard, keys = (
+    np.asarray(a) for a in _gather_and_dense(layout, x, centers, jitter, kernel, bias)
   )
   nq = int(np.prod([len(q) for q in qpos]))
-  chex.assert_shape(gathered, (2, nq, h, 3))
+  chex.assert_shape(gathered, (GB, nq, GH, GC))
   np.testing.assert_array_equal(gathered, dense)
-  # And it is the shifted input, read directly.
+  # It is the padded input read at q + Delta_h (key index = coordinate + low padding).
   q_grid = np.stack(np.meshgrid(*qpos, indexing="ij"), -1).reshape(-1, d)
-  padded = np.asarray(keys)
-  for hi in range(h):
-    idx = q_grid + centers[hi].astype(int) + r  # key index = coordinate + low padding
-    want = padded[(slice(None), *idx.T, slice(None))]
-    np.testing.assert_array_equal(gathered[:, :, hi], want)
+  for h in range(GH):
+    idx = q_grid + centers[h].astype(np.int64) + 1
+    np.testing.assert_array_equal(gathered[:, :, h], keys[(slice(None), *idx.T, slice(None))])
+  want = np.einsum("bqhc,hcd->bqd", gathered.astype(np.float64), kernel) + bias
+  absw = np.einsum("bqhc,hcd->bqd", np.abs(gathered), np.abs(kernel)) + np.abs(bias)
+  bound = (GH * GC + 2) * F32_EPS * absw
+  np.testing.assert_array_less(np.abs(projected - want), bound + 1e-30)
+  np.testing.assert_array_less(np.abs(hard - want), bound + 1e-30)
 
 
-@given(st.integers(1, 3), st.data())
-def test_gather_project_blocks_equal_the_float64_sum(d, data):
+_BLOCKED: dict = {}
+
+
+def blocked_gather_project(layout: int, limit: int):
+  """gather_project traced with ``IM2COL_MAX_ELEMENTS = limit`` (read at trace time), cached
+  per schedule so that examples with the same schedule share one compilation."""
+  if (layout, limit) not in _BLOCKED:
+    _, _, kpos, qpos = gather_grids(layout)
+    _BLOCKED[layout, limit] = jax.jit(
+      lambda keys, centers, kernel: attn.gather_project(keys, kpos, qpos, centers, kernel)
+    )
+  return _BLOCKED[layout, limit]
+
+
+@given(gather_problems(), st.sampled_from(["one-row", "images-with-rest", "rows", "single"]))
+def test_gather_project_blocks_equal_the_float64_sum(problem, schedule):
   """Every block schedule (blocks of query rows, of images, with remainders) computes
-  ``sum_h view_h W_h``: within ``H C eps sum|terms|`` of the float64 sum, as the single block."""
-  spatial = tuple(data.draw(st.integers(2, 5)) for _ in range(d))
-  b, h, c, dout = (data.draw(st.integers(1, n)) for n in (3, 4, 3, 2))
-  centers = np.asarray(
-    data.draw(st.lists(st.integers(-1, 1), min_size=h * d, max_size=h * d)), np.float32
-  ).reshape(h, d)
-  strides = tuple(data.draw(st.integers(1, 2)) for _ in range(d))
-  rng = rng_for("blocks", d, spatial, b, h, c)
-  x = rng.normal(size=(b, *spatial, c)).astype(np.float32)
-  kernel = rng.normal(size=(h, c, dout)).astype(np.float32)
-  keys, kpos = attn.key_grid(jnp.asarray(x), [(1, 1)] * d)
-  qpos = attn.query_grid(keys.shape[1:-1], [(1, 1)] * d, strides=strides, window=(3,) * d)
-  views = np.asarray(attn.gather_hard(keys, kpos, qpos, jnp.asarray(centers)), np.float64)
-  want = np.einsum("bqhc,hcd->bqd", views, kernel.astype(np.float64))
-  bound = h * c * F32_EPS * np.einsum("bqhc,hcd->bqd", np.abs(views), np.abs(kernel))
-  entries = b * views.shape[1] * h * c  # the whole im2col buffer
-  limit = data.draw(st.integers(0, entries + 1))
+  ``sum_h view_h W_h`` within ``H C eps sum|terms|`` of the float64 sum."""
+  layout, centers, _, seed = problem
+  spatial, pads, kpos, qpos = gather_grids(layout)
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(GB, *spatial, GC)).astype(np.float32)
+  kernel = rng.normal(size=(GH, GC, GD)).astype(np.float32)
+  keys = np.pad(x, [(0, 0), *pads, (0, 0)])
+  # head h at query q reads the key at q + Delta_h (key index = coordinate + low padding 1)
+  q_grid = np.stack(np.meshgrid(*qpos, indexing="ij"), -1).reshape(-1, len(spatial))
+  views = np.stack(
+    [keys[(slice(None), *(q_grid + centers[h].astype(np.int64) + 1).T)] for h in range(GH)], 2
+  ).astype(np.float64)  # (B, Nq, H, C)
+  row = int(np.prod([len(q) for q in qpos[1:]])) * GH * GC  # im2col entries of one query row
+  image = len(qpos[0]) * row
+  limit = {
+    "one-row": 0,  # one query row of one image per block (at least one)
+    "images-with-rest": 2 * row,  # 2 images of one row, then 1 image of 2 rows (GB = 3)
+    "rows": 6 * row,  # all 3 images, 2 rows per block (a remainder when the rows are odd)
+    "single": GB * image,
+  }[schedule]
   saved = attn.IM2COL_MAX_ELEMENTS
   try:
-    outs = {}
-    for name, value in (("blocks", limit), ("single", entries)):
-      attn.IM2COL_MAX_ELEMENTS = value  # read at trace time: a fresh jit per schedule
-      fn = jax.jit(lambda kk, k: attn.gather_project(kk, kpos, qpos, jnp.asarray(centers), k))
-      outs[name] = np.asarray(fn(keys, jnp.asarray(kernel)))
+    attn.IM2COL_MAX_ELEMENTS = limit
+    out = np.asarray(blocked_gather_project(layout, limit)(keys, centers, kernel))
   finally:
     attn.IM2COL_MAX_ELEMENTS = saved
-  chex.assert_shape(outs["blocks"], want.shape)
-  assert np.all(np.abs(outs["blocks"] - want) <= bound)
-  assert np.all(np.abs(outs["single"] - want) <= bound)
+  want = np.einsum("bqhc,hcd->bqd", views, kernel.astype(np.float64))
+  bound = GH * GC * F32_EPS * np.einsum("bqhc,hcd->bqd", np.abs(views), np.abs(kernel))
+  chex.assert_shape(out, want.shape)
+  np.testing.assert_array_less(np.abs(out - want), bound + 1e-30)
 
 
 # ----------------------------------------------------------------------------------------------
 # invalid arguments
 # ----------------------------------------------------------------------------------------------
 
+V = jnp.ones((2, 4, 3))
+W = jnp.ones((2, 3, 5))
+P = jnp.ones((2, 3, 4))
+QK = jnp.ones((2, 3, 2, 3)), jnp.ones((2, 4, 2, 3))
+
 
 @pytest.mark.parametrize(
   "call, match",
   [
+    (lambda: attn.relative_attention(V, W, query=QK[0]), r"query/key: expected both"),
+    (lambda: attn.relative_attention(V, W, key=QK[1]), r"query/key: expected both"),
+    (lambda: attn.relative_attention(V, W), r"position_logits: expected scores when query"),
+    (
+      lambda: attn.relative_attention(V, W, query=QK[0], key=QK[1], hard=True),
+      r"hard: expected position-only scores",
+    ),
+    (
+      lambda: attn.relative_attention(V, W, position_logits=P, implementation="gather"),
+      r"implementation: expected 'dense' or 'separable', got 'gather'",
+    ),
+    (
+      lambda: attn.relative_attention(V, W, position_logits=P, dropout_rate=1.0),
+      r"dropout_rate: expected 0 <= rate < 1, got 1.0",
+    ),
+    (
+      lambda: attn.relative_attention(V, W, position_logits=P, dropout_rate=-0.5),
+      r"dropout_rate: expected 0 <= rate < 1",
+    ),
+    (
+      lambda: attn.relative_attention(V, W, position_logits=P, dropout_rate=0.1),
+      r"dropout_rng: expected a PRNG key with dropout_rate > 0, got None",
+    ),
     (
       lambda: attn.aggregate(jnp.ones((2, 3)), jnp.ones((1, 3, 2))),
-      r"probs: expected rank 3 or 4, got shape \(2, 3\)",
+      r"probs/values: expected ranks 3 or 4, got shapes \(2, 3\) and \(1, 3, 2\)",
     ),
     (
       lambda: attn.aggregate(jnp.ones((1, 2, 3)), jnp.ones((3, 2))),
-      r"values: expected rank 3 or 4, got shape \(3, 2\)",
+      r"probs/values: expected ranks 3 or 4",
     ),
     (
       lambda: attn.aggregate(jnp.ones((1, 2, 3)), jnp.ones((1, 4, 2))),
@@ -401,48 +823,24 @@ def test_gather_project_blocks_equal_the_float64_sum(d, data):
       r"values: expected 2 heads on axis 2 \(as probs\), got shape \(1, 3, 3, 2\)",
     ),
     (
-      lambda: attn.aggregate_separable([jnp.ones((1, 2, 3))], jnp.ones((1, 3, 2)), (4,)),
-      r"key_shape: expected the key sizes of axis_probs \(3,\), got \(4,\)",
+      lambda: attn.aggregate_separable([jnp.ones((1, 2, 3))], jnp.ones((1, 4, 2))),
+      r"values: expected \(B, 3, \[1,\] C\) for key grid \(3,\), got \(1, 4, 2\)",
     ),
     (
-      lambda: attn.aggregate_separable([jnp.ones((1, 2, 3))], jnp.ones((1, 4, 2)), (3,)),
-      r"values: expected 3 keys on axis 1",
+      lambda: attn.aggregate_separable([jnp.ones((2, 2, 3))], jnp.ones((1, 3, 1, 2))),
+      r"values: expected \(B, 3, \[2,\] C\)",
     ),
     (
-      lambda: attn.key_grid(jnp.ones((2, 3)), [(0, 0)]),
-      r"x: expected rank 3 to 5 .*got \(2, 3\)",
+      lambda: attn.aggregate_project(P, V, jnp.ones((2, 2, 5))),
+      r"kernel: expected shape \(2, C, D\) with values \(B, 4, C\)",
     ),
     (
-      lambda: attn.key_grid(jnp.ones((1, 2, 2, 2, 2, 1)), [(0, 0)] * 4),
-      r"x: expected rank 3 to 5",
+      lambda: attn.aggregate_project(P, jnp.ones((2, 5, 3)), W),
+      r"kernel: expected shape \(2, C, D\) with values \(B, 4, C\), got kernel",
     ),
     (
-      lambda: attn.key_grid(jnp.ones((1, 3, 1)), [(0, 0), (0, 0)]),
-      r"padding: expected 1 \(low, high\) pairs",
-    ),
-    (
-      lambda: attn.key_grid(jnp.ones((1, 3, 1)), [(1, 1)], mode="edge"),
-      r"mode: expected one of \('zeros', 'circular', 'reflect'\), got 'edge'",
-    ),
-    (
-      lambda: attn.key_grid(jnp.ones((1, 3, 1)), [(1, 1)], input_dilation=0),
-      r"input_dilation: expected 1 integers >= 1, got 0",
-    ),
-    (
-      lambda: attn.key_grid(jnp.ones((1, 3, 1)), [(1, 1)], mode="circular", input_dilation=2),
-      r"input_dilation: expected 1 with 'circular' padding, got \(2,\)",
-    ),
-    (
-      lambda: attn.key_grid(jnp.ones((1, 3, 1)), [(-1, 0)], mode="reflect"),
-      r"padding: expected non-negative pairs with 'reflect' padding",
-    ),
-    (
-      lambda: attn.key_grid(jnp.ones((1, 3, 1)), [(-2, -1)]),
-      r"padding: the key grid would be empty",
-    ),
-    (
-      lambda: attn.query_grid((3, 4), [(0, 0), (0, 0)], strides=(1, 1), window=(3, 5)),
-      r"window: expected at most 4 keys on axis 1 \(key grid \(3, 4\)\), got 5",
+      lambda: attn.dropout_probs(dropout_key(0), P, 1.0),
+      r"rate: expected 0 <= rate < 1, got 1.0",
     ),
   ],
 )
