@@ -73,6 +73,13 @@ def check_input(layer: MultiHeadRelativeAttention, x: Array) -> int:
       f"x: expected rank 3, 4 or 5 (batch, 1-3 spatial axes, features), got shape {x.shape}"
     )
   d = x.ndim - 2
+  for name in ("strides", "input_dilation", "query_window", "max_distance", "padding"):
+    value = getattr(layer, name)
+    if isinstance(value, (tuple, list)) and len(value) != d:
+      raise ValueError(
+        f"x: expected rank {len(value) + 2} (batch, {len(value)} spatial axes, features) to match "
+        f"{name}={tuple(value)}, got shape {x.shape}"
+      )
   check_config(layer, d)
   dk = layer.qk_features or x.shape[-1]
   if layer.encoding == "learned_content" and (dk % d or (layer.rel_features or dk // d) * d != dk):
@@ -123,18 +130,22 @@ def check_config(layer: MultiHeadRelativeAttention, d: int) -> None:
     )
 
 
-def check_out_kernel(layer: MultiHeadRelativeAttention, have: tuple, want: tuple) -> None:
+def check_out_kernel(
+  layer: MultiHeadRelativeAttention, have: tuple, want: tuple, x_shape: tuple
+) -> None:
   """Raises ValueError naming ``num_heads`` or ``x`` when the variables' out kernel (``have``)
-  does not fit the layer and input (``want``, both ``(H, D_h, D_out)``)."""
+  does not fit the layer and the input of shape ``x_shape`` (``want``; both ``(H, D_h, D_out)``)."""
   if have[0] != want[0]:
     raise ValueError(
       f"num_heads: expected {have[0]} (the out kernel of the variables has shape {have}), got "
       f"{want[0]}"
     )
   if layer.value_features is None and have[1] != want[1]:
-    raise ValueError(f"x: expected {have[1]} input features on the last axis, got {want[1]}")
+    raise ValueError(f"x: expected {have[1]} input features on the last axis, got shape {x_shape}")
   if have != want:
-    raise ValueError(f"x: expected inputs giving an out kernel of shape {have}, got {want}")
+    raise ValueError(
+      f"x: expected inputs giving an out kernel of shape {have}, got {want} from shape {x_shape}"
+    )
 
 
 def layer_grids(layer: MultiHeadRelativeAttention, spatial_shape: Sequence[int]):
@@ -297,7 +308,7 @@ class MultiHeadRelativeAttention(nn.Module):
     dense = lambda features, name: heads_dense(self, features, dtype, name)  # noqa: E731
     values = tokens if self.value_features is None else dense(self.value_features, "value")(tokens)
     heads_dim = c if self.value_features is None else self.value_features
-    kernel, bias = self._out_params(heads_dim, self.out_features or c)
+    kernel, bias = self._out_params(heads_dim, self.out_features or c, x.shape)
     kernel, bias = (None if p is None else p.astype(dtype) for p in (kernel, bias))
 
     position, query, key = None, None, None
@@ -345,11 +356,12 @@ class MultiHeadRelativeAttention(nn.Module):
       self.sow("intermediates", "attention_probs", probs)
     return y.reshape(b, *q_shape, -1)
 
-  def _out_params(self, heads_dim: int, out_features: int) -> tuple[Array, Array | None]:
+  def _out_params(self, heads_dim: int, out_features: int, x_shape) -> tuple[Array, Array | None]:
     """``out``: kernel ``(H, D_h, D_out)`` (initialised as ``DenseGeneral`` over both axes)."""
     want = (self.num_heads, heads_dim, out_features)
     if self.has_variable("params", "out"):
-      check_out_kernel(self, tuple(self.get_variable("params", "out")["kernel"].shape), want)
+      have = tuple(self.get_variable("params", "out")["kernel"].shape)
+      check_out_kernel(self, have, want, tuple(x_shape))
 
     def init(rng):
       k_rng, b_rng = jax.random.split(rng)

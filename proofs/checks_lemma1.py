@@ -37,6 +37,7 @@ def check_case(
 ) -> str:
   """Verifies MHSA == Conv symbolically for one configuration; returns a one-line summary."""
   from attnconv import conv_to_attention
+  from attnconv.layers import layer_grids
 
   groups = conv.get("feature_group_count", 1)
   kshape = (*kernel_size, in_features // groups, features)
@@ -61,7 +62,7 @@ def check_case(
   probs = np.asarray(
     module.apply(variables, spatial, method=module.position_probabilities), np.float64
   )  # (H, Nq, Nk)
-  q_shape = tuple(module.apply(variables, spatial, method=module.query_shape))
+  q_shape = tuple(len(q) for q in layer_grids(module, spatial)[2])
 
   # the assumptions behind the tag trick
   assert w.shape == (int(np.prod(kernel_size)), in_features, features), w.shape

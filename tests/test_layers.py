@@ -617,7 +617,7 @@ X2 = jnp.zeros((1, 4, 4, 2))
     (
       {"strides": (1, 1, 1)},
       X2,
-      r"strides: expected an int or a sequence of 2 ints, got \(1, 1, 1\)",
+      r"x: expected rank 5 .*strides=\(1, 1, 1\), got shape \(1, 4, 4, 2\)",
     ),
     (
       {"encoding": "content", "padding": "SAME"},
@@ -630,7 +630,7 @@ X2 = jnp.zeros((1, 4, 4, 2))
       r"encoding: content attention needs queries == keys",
     ),
     ({"padding": "FULL"}, X2, r"padding: expected 'SAME', 'SAME_LOWER', 'VALID' .*'FULL'"),
-    ({"padding": ((1, 1),)}, X2, r"padding: expected 2 \(low, high\) pairs, got \(\(1, 1\),\)"),
+    ({"padding": ((1, 1),)}, X2, r"x: expected rank 3 .*padding=\(\(1, 1\),\), got shape"),
     ({"padding": ((1, 1), 1)}, X2, r"padding: expected 2 \(low, high\) pairs"),
     ({"padding_mode": "edge", "padding": "SAME"}, X2, r"padding_mode: expected one of .*'edge'"),
     (
