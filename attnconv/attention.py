@@ -88,7 +88,13 @@ def combine_axis_probs(axis_probs: Sequence[Array]) -> Array:
 
 def dropout_probs(rng: Array, probs: Array, rate: float, batch_size: int | None = None) -> Array:
   """Dropout on attention probabilities: entries zeroed with probability ``rate``, the rest
-  scaled by ``1 / (1 - rate)``.
+  scaled so that the expectation is unchanged.
+
+  Each decision uses 16 random bits (two per 32-bit word of ``jax.random.bits``) instead of
+  ``jax.random.bernoulli``'s 32: half the random words to generate for the largest mask of a
+  training step (``(B, H, Nq, Nk)``). The drop probability is ``rate`` rounded to a multiple of
+  ``2^-16`` (``t / 2^16``, ``t = round(2^16 rate)``) and kept entries are scaled by
+  ``2^16 / (2^16 - t)``, so the mask is unbiased exactly.
 
   Args:
     rng: a PRNG key.
@@ -98,12 +104,16 @@ def dropout_probs(rng: Array, probs: Array, rate: float, batch_size: int | None 
       return ``(batch_size, H, Nq, Nk)``; ``None`` draws one mask of the probabilities' own
       shape (shared by the batch when they are batch-free, as the authors' Gaussian attention).
   """
-  if not 0.0 <= rate < 1.0:
-    raise ValueError(f"rate: expected 0 <= rate < 1, got {rate}")
+  threshold = round(rate * 2**16) if 0.0 <= rate < 1.0 else -1
+  if not 0 <= threshold < 2**16:
+    raise ValueError(f"rate: expected 0 <= rate < 1 - 2^-17, got {rate}")
   if batch_size is not None and probs.ndim == 3:
     probs = jnp.broadcast_to(probs, (batch_size, *probs.shape))
-  keep = jax.random.bernoulli(rng, 1.0 - rate, probs.shape)
-  return jnp.where(keep, probs / (1.0 - rate), jnp.zeros((), probs.dtype)).astype(probs.dtype)
+  n = int(np.prod(probs.shape))
+  words = jax.random.bits(rng, (-(-n // 2),), jnp.uint32)
+  uniform16 = lax.bitcast_convert_type(words, jnp.uint16).reshape(-1)[:n].reshape(probs.shape)
+  scale = jnp.asarray(2**16 / (2**16 - threshold), probs.dtype)
+  return jnp.where(uniform16 >= threshold, probs * scale, jnp.zeros((), probs.dtype))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -134,6 +144,11 @@ def aggregate(probs: Array, values: Array, *, precision: Any = None) -> Array:
     raise ValueError(
       f"values: expected {probs.shape[-3]} heads on axis 2 (as probs), got shape {values.shape}"
     )
+  if probs.ndim == 4 and values.ndim == 3:
+    # per image, all heads in one (H Nq, Nk) @ (Nk, C) product
+    b, h, nq, nk = probs.shape
+    out = jnp.matmul(probs.reshape(b, h * nq, nk), values, precision=precision)
+    return out.reshape(b, h, nq, -1).transpose(0, 2, 1, 3)
   p = "hqk" if probs.ndim == 3 else "bhqk"
   v = "bkc" if values.ndim == 3 else "bkhc"
   return jnp.einsum(f"{p},{v}->bqhc", probs, values, precision=precision)
@@ -150,11 +165,13 @@ def project(heads: Array, kernel: Array, bias: Array | None = None, *, precision
 
 
 def aggregate_project(probs: Array, values: Array, kernel: Array, *, precision=None) -> Array:
-  """``sum_h (P_h V) W^(h)`` for batch-free probabilities and shared values, as one einsum.
+  """``sum_h (P_h V) W^(h)`` for batch-free probabilities and shared values, as two products.
 
-  ``project(aggregate(probs, values), kernel)`` as one einsum over the batch-free probabilities,
-  contracting the keys first (the order of the MHSA equation; with hard attention the
-  aggregation only selects values and the projection sums what an im2col convolution sums).
+  Equal to ``einsum('hqk,bkc,hcd->bqd', probs, values, kernel)`` = ``project(aggregate(...))``,
+  computed in the MHSA equation's order (keys first) with every head and image folded into two
+  large matrix products: ``(H Nq, Nk) @ (Nk, B C)`` aggregates, ``(Nq B, H C) @ (H C, D)``
+  projects. (With hard attention the aggregation only selects values, and the projection sums
+  what an im2col convolution sums.)
 
   Args:
     probs: ``(H, Nq, Nk)``.
@@ -164,15 +181,18 @@ def aggregate_project(probs: Array, values: Array, kernel: Array, *, precision=N
   Returns:
     ``(B, Nq, D)``.
   """
-  h, _, nk = probs.shape
+  h, nq, nk = probs.shape
   if values.ndim != 3 or values.shape[1] != nk or kernel.shape[:2] != (h, values.shape[-1]):
     raise ValueError(
       f"kernel: expected shape ({h}, C, D) with values (B, {nk}, C), got kernel {kernel.shape} "
       f"and values {values.shape}"
     )
-  return jnp.einsum(
-    "hqk,bkc,hcd->bqd", probs, values, kernel, precision=precision, optimize=[(0, 1), (0, 1)]
-  )
+  b, _, c = values.shape
+  keys_first = values.transpose(1, 0, 2).reshape(nk, b * c)
+  heads = jnp.matmul(probs.reshape(h * nq, nk), keys_first, precision=precision)
+  rows = heads.reshape(h, nq * b, c).transpose(1, 0, 2).reshape(nq * b, h * c)
+  y = jnp.matmul(rows, kernel.reshape(h * c, -1), precision=precision)
+  return y.reshape(nq, b, -1).transpose(1, 0, 2)
 
 
 def aggregate_separable(

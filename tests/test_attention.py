@@ -263,9 +263,11 @@ def test_dropout_masks_differ_per_example_and_rescale_kept_entries(rate, seed):
   out = np.asarray(dropout_probs(dropout_key(seed), probs, rate=rate, batch_size=b))
   chex.assert_shape(out, (b, h, nq, nk))
   chex.assert_type(out, jnp.float32)
-  scaled = probs / np.float32(1.0 - rate)
+  t = round(rate * 2**16)  # the drop probability is t / 2^16, within 2^-17 of rate
+  assert abs(t / 2**16 - rate) <= 2.0**-17
+  scaled = probs * np.float32(2**16 / (2**16 - t))
   kept = out != 0
-  # Every entry is either dropped or the probability scaled by 1 / (1 - rate).
+  # Every entry is either dropped or the probability scaled by 2^16 / (2^16 - t).
   np.testing.assert_allclose(
     np.where(kept, out, scaled[None]), np.broadcast_to(scaled, out.shape), rtol=F32_EPS, atol=0
   )
@@ -276,6 +278,19 @@ def test_dropout_masks_differ_per_example_and_rescale_kept_entries(rate, seed):
       assert np.any(kept[i] != kept[j]), f"examples {i} and {j} share a dropout mask"
   # The keep fraction is 1 - rate within 6 binomial standard deviations.
   assert abs(kept.mean() - (1 - rate)) <= 6 * np.sqrt(rate * (1 - rate) / kept.size)
+
+
+@given(st.sampled_from([0.1, 0.3, 0.5]), st.integers(0, 3))
+def test_dropout_mask_is_16_bit_halves_of_jax_random_bits(rate, seed):
+  """The documented mask: the 32-bit words of ``jax.random.bits`` split into 16-bit halves (in
+  the platform's byte order, as ``lax.bitcast_convert_type``), an entry kept iff its half is
+  ``>= round(2^16 rate)``; odd sizes use the first half of the last word."""
+  shape = (3, 5, 7)  # 105 entries: 53 words
+  key = dropout_key(seed)
+  out = np.asarray(dropout_probs(key, jnp.ones(shape, jnp.float32), rate))
+  words = np.asarray(jax.random.bits(key, (53,), jnp.uint32))
+  halves = words.view(np.uint16)[:105].reshape(shape)
+  np.testing.assert_array_equal(out != 0, halves >= round(rate * 2**16))
 
 
 @given(st.sampled_from([0.1, 0.5]), st.integers(0, 3))
@@ -310,7 +325,7 @@ def test_dropout_rate_zero_is_identity():
 
 @pytest.mark.parametrize("rate", [1.0, 1.5, -0.1])
 def test_dropout_rate_out_of_range(rate):
-  with pytest.raises(ValueError, match=r"rate: expected 0 <= rate < 1, got"):
+  with pytest.raises(ValueError, match=r"rate: expected 0 <= rate < 1 - 2\^-17, got"):
     attn.dropout_probs(dropout_key(0), jnp.ones((1, 2, 2)), rate, 2)
 
 
@@ -840,7 +855,7 @@ QK = jnp.ones((2, 3, 2, 3)), jnp.ones((2, 4, 2, 3))
     ),
     (
       lambda: attn.dropout_probs(dropout_key(0), P, 1.0),
-      r"rate: expected 0 <= rate < 1, got 1.0",
+      r"rate: expected 0 <= rate < 1 - 2\^-17, got 1.0",
     ),
   ],
 )
