@@ -58,7 +58,9 @@ def spread_init(std: float = 0.01) -> Initializer:
 
   def init(key, shape, dtype=jnp.float32):
     noise = std * jax.random.normal(key, shape, dtype)
-    return (1.0 if len(shape) == 1 else jnp.eye(shape[-1], dtype=dtype)) + noise
+    return (
+      1.0 if len(shape) == 1 else jnp.broadcast_to(jnp.eye(shape[-1], dtype=dtype), shape)
+    ) + noise
 
   return init
 

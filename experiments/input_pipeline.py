@@ -676,4 +676,6 @@ def normalize(images: jax.Array, mean: Sequence[float], std: Sequence[float]) ->
     raise ValueError(
       f"std: expected 1 or {images.shape[-1]} (channels) values, got shape {std.shape}"
     )
-  return (jnp.asarray(images, jnp.float32) / 255.0 - mean) / std
+  images = jnp.asarray(images, jnp.float32)
+  channels = (1,) * (images.ndim - 1) + (-1,)  # broadcast over the leading axes
+  return (images / 255.0 - jnp.reshape(mean, channels)) / jnp.reshape(std, channels)

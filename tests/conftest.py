@@ -7,7 +7,10 @@ Hypothesis profiles (select with ``ATTNCONV_HYPOTHESIS_PROFILE``):
 * ``dev``: more examples, still no deadline, random seeds.
 * ``sweep``: long local sweeps (hundreds of examples per property).
 
-Several fake CPU devices are requested so that sharding code paths run on CPU.
+Several fake CPU devices are requested so that sharding code paths run on CPU. The numerics
+policy is strict: implicit rank promotion raises (``jax_numpy_rank_promotion="raise"``), and
+every warning is an error (``filterwarnings`` in pyproject.toml, with commented ignores for
+third-party noise).
 """
 
 import os
@@ -18,6 +21,8 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 settings.register_profile(

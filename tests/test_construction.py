@@ -242,7 +242,7 @@ def _lax_apply(cfg: ConvConfig, x, kernel, bias):
     feature_group_count=cfg.feature_group_count,
     precision=jax.lax.Precision.HIGHEST,
   )
-  return y if bias is None else y + bias
+  return y if bias is None else y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
 
 
 def _emulate(cfg: ConvConfig, x, kernel, bias, *, implementation="dense", alpha=None):
@@ -300,7 +300,9 @@ def assert_within(actual, expected, tol, what: str) -> None:
 
 
 def _bounds_module():
-  return pytest.importorskip("attnconv.bounds", reason="attnconv.bounds not written yet")
+  from attnconv import bounds
+
+  return bounds
 
 
 # ----------------------------------------------------------------------------------------------
@@ -544,8 +546,6 @@ def test_float32_one_hot_alpha() -> None:
     probs = np.asarray(module.apply(variables, (8, 8), method=module.position_probabilities))
     assert _is_one_hot(probs) is expected
   bounds = _bounds_module()
-  if not hasattr(bounds, "float32_one_hot_alpha"):
-    pytest.skip(f"attnconv.bounds.float32_one_hot_alpha missing; empirical value {alpha!r}")
   predicted = bounds.float32_one_hot_alpha()  # XLA CPU flushes subnormals: 126 ln 2
   assert predicted.alpha_float == alpha, (predicted, alpha)
   assert predicted.paper_alpha == 46 and alpha > 46

@@ -11,12 +11,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 from hypothesis import given
 from hypothesis import strategies as st
 
 from experiments import input_pipeline
-
-tfds = pytest.importorskip("tensorflow_datasets")
 
 NUM_TRAIN, NUM_TEST = 30, 10
 

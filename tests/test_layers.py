@@ -902,7 +902,7 @@ def test_shared_mask_is_one_mask_for_the_batch(encoding):
   variables = layer.init(jax.random.key(1), x)
   rng = jax.random.key(7)
   y = layer.apply(variables, x, deterministic=False, rngs={"dropout": rng})
-  bias = variables["params"]["out"]["bias"]
+  bias = variables["params"]["out"]["bias"][None, None]
   np.testing.assert_array_equal(y[0], y[1])  # same input, same mask
   # linear in the input with the same probabilities: the scaled example scales its output
   np.testing.assert_allclose(y[2] - bias, 2 * (y[0] - bias), rtol=1e-5, atol=1e-5)

@@ -238,7 +238,6 @@ def test_bfloat16_compute_keeps_float32_params(tmp_path, dataset):
 
 def test_attention_net_smoke(tmp_path):
   """One step of a tiny quadratic attention net: centres logged, attention plots drawn."""
-  pytest.importorskip("attnconv.models.attention_net")
   dataset = _synthetic_dataset(hw=8, channels=3)
   config = _config(
     num_train_steps=1,
@@ -281,7 +280,7 @@ def test_accumulated_gradient_equals_full_batch_gradient(microbatches, unroll):
 
   def loss_fn(p, carry, x, y, key):
     del key
-    logits = x @ p["w"] + p["b"]
+    logits = x @ p["w"] + p["b"][None]
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), (logits, carry)
 
   (loss, (logits, carry)), grads = train_lib.accumulated_value_and_grad(
