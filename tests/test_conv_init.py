@@ -49,9 +49,12 @@ def test_layer_equals_convolution_away_from_the_border(sharpness_param):
   ref = nn.Conv(c_out, (3, 3), padding="SAME").apply(
     {"params": {"kernel": kernel, "bias": bias}}, x
   )
-  scale = jax.lax.conv_general_dilated(
-    jnp.abs(x), jnp.abs(kernel), (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
-  ) + jnp.abs(bias)[None, None, None]
+  scale = (
+    jax.lax.conv_general_dilated(
+      jnp.abs(x), jnp.abs(kernel), (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    + jnp.abs(bias)[None, None, None]
+  )
   leak = 8 * math.exp(-alpha)  # mass off the target, times the values' scale, is below this
   tol = (2 * 9 * c_in * np.finfo(np.float32).eps + leak) * scale
   inner = (slice(None), slice(1, -1), slice(1, -1))
