@@ -14,7 +14,7 @@ from attnconv.construction import (
 )
 from attnconv.layers import MultiHeadRelativeAttention
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
   "MultiHeadRelativeAttention",
