@@ -14,8 +14,8 @@ for the final number. (With the paper's SGD 0.1 the same model reached 70% test 
 of 3 epochs, and AdamW over 3 epochs 81.1%; random crops (padding 2) and flips over 6 epochs gave
 83.7%, the same 6 epochs without them 87.1%: in a few epochs this model underfits.)
 
-Expected runtime and result (measured on the 2-core CPU machine, 1 device): 5 min 48 s wall
-time (311 s of training at 891 images/s); 86.8% test accuracy (86.9% validation), 175,579
+Expected runtime and result (measured on a 2-core AMD EPYC CPU, 1 device): 5 min 22 s wall
+time (289 s of training at 958 images/s); 86.7% test accuracy (87.0% validation), 175,579
 parameters. Copies of its summary, metrics and plots are in ``experiments/results/quick/``.
 ``get_config("smoke")`` (``quick.py:smoke``) is a 20-step smoke run.
 Writes ``metrics.jsonl``, ``summary.json``, ``config.json`` and ``plots/`` into the workdir.
