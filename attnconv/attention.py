@@ -281,8 +281,9 @@ def relative_attention(
       authors' Gaussian attention) instead of one per example.
     use_dot_product_attention: content scores without attention dropout go through
       :func:`jax.nn.dot_product_attention` when the values have the keys' shape per head.
-    return_probs: also return the probabilities (before dropout): ``(H, Nq, Nk)`` when
-      position-only, else ``(B, H, Nq, Nk)``. The output is computed the same way either way.
+    return_probs: also return the probabilities (before dropout): ``(H, Nq, Nk)`` when the
+      scores have no batch axis, else ``(B, H, Nq, Nk)``. The output is computed the same way
+      either way.
     precision: precision of the contractions.
 
   Returns:

@@ -119,12 +119,10 @@ def check_config(layer: MultiHeadRelativeAttention, d: int) -> None:
       f"the input; expected hard=True and value_features=None, got hard="
       f"{layer.hard}, value_features={layer.value_features}"
     )
-  for name in ("strides", "input_dilation", "query_window"):
-    grids.as_tuple(name, getattr(layer, name), d)
-  moved = layer.padding is not None or any(
-    grids.as_tuple(n, getattr(layer, n), d) != (1,) * d
-    for n in ("strides", "input_dilation", "query_window")
-  )
+  steps = [
+    grids.as_tuple(n, getattr(layer, n), d) for n in ("strides", "input_dilation", "query_window")
+  ]
+  moved = layer.padding is not None or any(t != (1,) * d for t in steps)
   if moved and layer.encoding in ("content", "learned_content"):
     raise ValueError(
       f"encoding: content attention needs queries == keys (no padding, strides, "
