@@ -1,4 +1,5 @@
-"""Model zoo: the paper's attention network, the CIFAR ResNet18 baseline and small CPU models.
+"""Model zoo: the paper's attention network, the CIFAR ResNet18 baseline, a small Vision
+Transformer and small CPU models.
 
 Every model is a ``flax.linen.Module`` called as
 ``model.apply(variables, images, train=bool, rngs={'dropout': key}, mutable=...)`` on channels-last
@@ -19,6 +20,7 @@ _REGISTRY: dict[str, tuple[str, str]] = {
   "attention_net": ("attnconv.models.attention_net", "AttentionNet"),
   "resnet18": ("attnconv.models.cnn", "ResNet18"),
   "small_cnn": ("attnconv.models.cnn", "SmallCNN"),
+  "vit": ("attnconv.models.vit", "ViT"),
 }
 
 
