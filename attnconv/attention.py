@@ -251,6 +251,7 @@ def relative_attention(
   dropout_rng: Array | None = None,
   shared_dropout_mask: bool = False,
   use_dot_product_attention: bool = True,
+  gate: Array | None = None,
   return_probs: bool = False,
   precision: Any = None,
 ) -> Array | tuple[Array, Array]:
@@ -281,6 +282,10 @@ def relative_attention(
       authors' Gaussian attention) instead of one per example.
     use_dot_product_attention: content scores without attention dropout go through
       :func:`jax.nn.dot_product_attention` when the values have the keys' shape per head.
+    gate: ``(H,)`` gating parameters ``lambda_h`` of gated positional self-attention (GPSA,
+      d'Ascoli et al. 2021; needs content and position scores): the probabilities are
+      ``(1 - sigmoid(lambda_h)) softmax(content) + sigmoid(lambda_h) softmax(position)``,
+      renormalised over keys, instead of the softmax of the sum.
     return_probs: also return the probabilities (before dropout): ``(H, Nq, Nk)`` when the
       scores have no batch axis, else ``(B, H, Nq, Nk)``. The output is computed the same way
       either way.
@@ -296,6 +301,8 @@ def relative_attention(
     raise ValueError("position_logits: expected scores when query and key are None, got None")
   if hard and content:
     raise ValueError("hard: expected position-only scores (query=None) for hard attention")
+  if gate is not None and not (content and position_logits is not None):
+    raise ValueError("gate: expected content (query, key) and position scores for GPSA")
   if implementation not in ("dense", "separable"):
     raise ValueError(f"implementation: expected 'dense' or 'separable', got {implementation!r}")
   if not 0.0 <= dropout_rate < 1.0:
@@ -312,7 +319,19 @@ def relative_attention(
     return dropout_probs(dropout_rng, p, dropout_rate, batch)
 
   probs = None
-  if content:
+  if gate is not None:  # GPSA: a per-head convex combination of two softmaxes
+    if per_axis:
+      position = combine_axis_probs([softmax(t) for t in position_logits])
+    else:
+      position = softmax(position_logits)
+    position = position.reshape((-1, *position.shape[-3:]))  # (1 | B, H, Nq, Nk)
+    g = jax.nn.sigmoid(gate.astype(jnp.float32)).reshape(1, -1, 1, 1)
+    content_probs = softmax(enc.content_logits(query, key).astype(jnp.float32))
+    mixed = (1.0 - g) * content_probs + g * position.astype(jnp.float32)
+    probs = mixed / jnp.sum(mixed, axis=-1, keepdims=True)
+    heads = aggregate(dropout(probs).astype(values.dtype), values, precision=precision)
+    y = project(heads, kernel, precision=precision)
+  elif content:
     pos = enc.combine_axis_logits(position_logits) if per_axis else position_logits
     pos = None if pos is None else pos.reshape((-1, *pos.shape[-3:]))  # (1 | B, H, Nq, Nk)
     per_head_values = (

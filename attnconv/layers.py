@@ -15,6 +15,7 @@ encoding                 scores                                                 
 ``'learned_content'``    ``q.k / sqrt(D_k)`` + ``q.r_delta / sqrt(D_k)``                ``query``, ``key``, ``rel_table_a``
 ``'content'``            ``q.k / sqrt(D_k)`` (no positions)                           ``query``, ``key``
 ``'quadratic_content'``  ``q.k / sqrt(D_k)`` + Eq. 9                                  both
+``'gpsa'``               gated: ``(1 - s) softmax(q.k) + s softmax(Eq. 9)``, ``s = sigmoid(gate)``  both, ``gate``
 =======================  ==========================================================  ==========
 
 Every layer has the output projection ``out`` (``kernel (H, D_h, D_out)`` in
@@ -48,6 +49,7 @@ ENCODINGS = (
   "learned_content",
   "content",
   "quadratic_content",
+  "gpsa",
 )
 POSITION_ONLY = ("quadratic", "generalized", "learned")
 IMPLEMENTATIONS = attn.IMPLEMENTATIONS
@@ -63,6 +65,23 @@ def spread_init(std: float = 0.01) -> Initializer:
     ) + noise
 
   return init
+
+
+def constant(value: float) -> Initializer:
+  """An initialiser filling the parameter with ``value``."""
+  return lambda key, shape, dtype=jnp.float32: jnp.full(shape, value, dtype)
+
+
+def local_centers(key: Array, shape: tuple[int, int], dtype=jnp.float32) -> Array:
+  """ConViT's local initialisation: the ``H = m^d`` centres on the ``m``-wide lattice centred on
+  the query (``m = 3``: the shifts of a 3x3 kernel), in row-major order."""
+  del key
+  h, d = shape
+  m = round(h ** (1 / d))
+  if m**d != h:
+    raise ValueError(f"num_heads: expected a {d}-th power for local centres, got {h}")
+  grid = np.stack(np.meshgrid(*[np.arange(m)] * d, indexing="ij"), -1).reshape(h, d)
+  return jnp.asarray(grid - (m - 1) / 2, dtype)
 
 
 def check_input(layer: MultiHeadRelativeAttention, x: Array) -> int:
@@ -105,6 +124,7 @@ def check_config(layer: MultiHeadRelativeAttention, d: int) -> None:
     ("dropout_rate", 0.0 <= layer.dropout_rate < 1.0, "0 <= rate < 1"),
     ("padding_mode", layer.padding_mode in grids.PADDING_MODES, f"one of {grids.PADDING_MODES}"),
     ("hard", not layer.hard or layer.encoding == "quadratic", "False unless encoding='quadratic'"),
+    ("locality_strength", (layer.locality_strength or 1.0) > 0, "None or a float > 0"),
   ]
   for name, ok, expected in checks:
     if not ok:
@@ -146,6 +166,28 @@ def check_out_kernel(
     raise ValueError(
       f"x: expected inputs giving an out kernel of shape {have}, got {want} from shape {x_shape}"
     )
+
+
+def out_params(
+  layer: MultiHeadRelativeAttention, heads_dim: int, out_features: int, x_shape: tuple
+) -> tuple[Array, Array | None]:
+  """The output projection ``out`` of ``layer``: kernel ``(H, D_h, D_out)`` (initialised as
+  ``DenseGeneral`` over both axes) and bias ``(D_out,)`` or None; call from the layer."""
+  want = (layer.num_heads, heads_dim, out_features)
+  if layer.has_variable("params", "out"):
+    have = tuple(layer.get_variable("params", "out")["kernel"].shape)
+    check_out_kernel(layer, have, want, tuple(x_shape))
+
+  def init(rng):
+    k_rng, b_rng = jax.random.split(rng)
+    flat = layer.kernel_init(k_rng, (want[0] * heads_dim, out_features), layer.param_dtype)
+    out = {"kernel": flat.reshape(want)}
+    if layer.use_bias:
+      out["bias"] = layer.bias_init(b_rng, (out_features,), layer.param_dtype)
+    return out
+
+  out = layer.param("out", init)
+  return out["kernel"], out.get("bias")
 
 
 def layer_grids(layer: MultiHeadRelativeAttention, spatial_shape: Sequence[int]):
@@ -207,6 +249,9 @@ class MultiHeadRelativeAttention(nn.Module):
     use_dot_product_attention: content attention through ``jax.nn.dot_product_attention`` where
       no attention dropout runs.
     center_init_std, spread_init_std: initial centres ``N(0, std^2)``, spreads ``1 + N(0, std^2)``.
+    locality_strength: ConViT's local initialisation instead: centres on the ``H^(1/d)``-wide
+      lattice around the query, sharpness ``alpha = locality_strength`` (quadratic family).
+    gate_init: initial ``gate`` of 'gpsa' (ConViT: 1, ``sigmoid(1) = 0.73`` positional).
     use_bias, dtype, param_dtype, precision, kernel_init, bias_init, rel_init: as Flax's layers.
   """
 
@@ -230,6 +275,8 @@ class MultiHeadRelativeAttention(nn.Module):
   use_dot_product_attention: bool = True
   center_init_std: float = 2.0
   spread_init_std: float = 0.01
+  locality_strength: float | None = None
+  gate_init: float = 1.0
   use_bias: bool = True
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
@@ -253,14 +300,19 @@ class MultiHeadRelativeAttention(nn.Module):
     if self.encoding == "learned":
       heads = [self._param(f"rel_head_{a}", self.kernel_init, (width, h)) for a in range(d)]
       return enc.learned_logits(qpos, kpos, self._tables(kpos, qpos, width), heads)
-    centers = self._param("centers", nn.initializers.normal(self.center_init_std), (h, d))
+    local = self.locality_strength is not None
+    center_init = local_centers if local else nn.initializers.normal(self.center_init_std)
+    centers = self._param("centers", center_init, (h, d))
     if self.encoding == "generalized":
       factors = self._param("spreads", spread_init(self.spread_init_std), (h, d, d))
       return enc.generalized_quadratic_logits(qpos, kpos, centers, factors)
+    strength = self.locality_strength
     if self.sharpness_param == "alpha":
-      alpha = self._param("alpha", spread_init(self.spread_init_std), (h,))
-    else:
-      alpha = 0.5 * self._param("spreads", spread_init(self.spread_init_std), (h,)) ** 2
+      init = constant(strength) if local else spread_init(self.spread_init_std)
+      alpha = self._param("alpha", init, (h,))
+    else:  # alpha = s^2 / 2
+      init = constant((2 * strength) ** 0.5) if local else spread_init(self.spread_init_std)
+      alpha = 0.5 * self._param("spreads", init, (h,)) ** 2
     alpha = jnp.ones((h,)) if self.hard else alpha  # the hard limit does not depend on alpha
     return enc.quadratic_logits(qpos, kpos, centers, alpha)
 
@@ -308,7 +360,7 @@ class MultiHeadRelativeAttention(nn.Module):
     dense = lambda features, name: heads_dense(self, features, dtype, name)  # noqa: E731
     values = tokens if self.value_features is None else dense(self.value_features, "value")(tokens)
     heads_dim = c if self.value_features is None else self.value_features
-    kernel, bias = self._out_params(heads_dim, self.out_features or c, x.shape)
+    kernel, bias = out_params(self, heads_dim, self.out_features or c, x.shape)
     kernel, bias = (None if p is None else p.astype(dtype) for p in (kernel, bias))
 
     position, query, key = None, None, None
@@ -328,6 +380,9 @@ class MultiHeadRelativeAttention(nn.Module):
         rel = enc.relative_embeddings(qpos, kpos, tables)
         position = enc.query_relative_logits(query, q_shape, rel)
 
+    gate = None
+    if self.encoding == "gpsa":
+      gate = self._param("gate", constant(self.gate_init), (self.num_heads,))
     sow = self.is_mutable_collection("intermediates")
     training = self.dropout_rate > 0.0 and not deterministic
     if self.implementation == "gather":  # the hard limit as shifted views of the keys (im2col)
@@ -348,6 +403,7 @@ class MultiHeadRelativeAttention(nn.Module):
         dropout_rng=self.make_rng("dropout") if training else None,
         shared_dropout_mask=self.shared_dropout_mask,
         use_dot_product_attention=self.use_dot_product_attention,
+        gate=gate,
         return_probs=sow,
         precision=self.precision,
       )
@@ -355,21 +411,3 @@ class MultiHeadRelativeAttention(nn.Module):
     if sow:
       self.sow("intermediates", "attention_probs", probs)
     return y.reshape(b, *q_shape, -1)
-
-  def _out_params(self, heads_dim: int, out_features: int, x_shape) -> tuple[Array, Array | None]:
-    """``out``: kernel ``(H, D_h, D_out)`` (initialised as ``DenseGeneral`` over both axes)."""
-    want = (self.num_heads, heads_dim, out_features)
-    if self.has_variable("params", "out"):
-      have = tuple(self.get_variable("params", "out")["kernel"].shape)
-      check_out_kernel(self, have, want, tuple(x_shape))
-
-    def init(rng):
-      k_rng, b_rng = jax.random.split(rng)
-      flat = self.kernel_init(k_rng, (want[0] * heads_dim, out_features), self.param_dtype)
-      out = {"kernel": flat.reshape(want)}
-      if self.use_bias:
-        out["bias"] = self.bias_init(b_rng, (out_features,), self.param_dtype)
-      return out
-
-    out = self.param("out", init)
-    return out["kernel"], out.get("bias")

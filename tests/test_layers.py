@@ -758,6 +758,7 @@ def test_the_layer_runs_the_equation_functions(monkeypatch, encoding, kwargs, fu
 
 
 SOW_CONFIGS = [
+  ("gpsa", {"qk_features": 2}),
   ("quadratic", {}),
   ("quadratic", {"implementation": "separable"}),
   ("quadratic", {"hard": True, "implementation": "gather", "padding": "SAME", "query_window": 3}),
@@ -1004,3 +1005,97 @@ def test_quadratic_content_errors():
   params = layer.init(jax.random.key(0), x)
   with pytest.raises(ValueError, match="encoding: 'quadratic_content' is content-dependent"):
     layer.apply(params, (4, 4), method=layer.position_probabilities)
+
+
+# ----------------------------------------------------------------------------------------------
+# gated positional self-attention (GPSA, ConViT) and ConViT's local initialisation
+# ----------------------------------------------------------------------------------------------
+
+
+def _gpsa_and_halves(h=4, dk=2):
+  """A GPSA layer and the quadratic and content layers whose parameters it holds."""
+  gpsa = MultiHeadRelativeAttention(h, encoding="gpsa", qk_features=dk)
+  quadratic = MultiHeadRelativeAttention(h, encoding="quadratic")
+  content = MultiHeadRelativeAttention(
+    h, encoding="content", qk_features=dk, use_dot_product_attention=False
+  )
+  return gpsa, quadratic, content
+
+
+def test_gpsa_parameters_are_the_quadratic_and_content_ones_plus_the_gate():
+  gpsa, quadratic, content = _gpsa_and_halves()
+  x = jnp.zeros((1, 3, 4, 2))
+  shapes = lambda m: jax.tree.map(lambda a: a.shape, jax.eval_shape(m.init, jax.random.key(0), x))  # noqa: E731
+  g, q, c = shapes(gpsa)["params"], shapes(quadratic)["params"], shapes(content)["params"]
+  assert g == {**q, **c, "gate": (4,)}
+  params = jax.jit(gpsa.init)(jax.random.key(0), x)["params"]
+  np.testing.assert_array_equal(params["gate"], np.ones(4, np.float32))  # ConViT's init
+
+
+@pytest.mark.parametrize("limit", ["positional", "content"])
+def test_gpsa_limits_are_the_quadratic_and_the_content_layer(limit):
+  """sigmoid(gate) = 1 (gate = 30 in float32) is the quadratic layer, sigmoid(gate) = 0 the
+  content layer, with the same parameters: equal up to float32 rounding of the aggregation."""
+  gpsa, quadratic, content = _gpsa_and_halves()
+  x = jnp.asarray(rng_for("gpsa", limit).normal(size=(2, 3, 4, 2)), jnp.float32)
+  params = flax.core.unfreeze(jax.jit(gpsa.init)(jax.random.key(1), x)["params"])
+  params["gate"] = jnp.full((4,), 30.0 if limit == "positional" else -30.0)
+  y = jax.jit(gpsa.apply)({"params": params}, x)
+  half = quadratic if limit == "positional" else content
+  names = ("centers", "spreads", "out") if limit == "positional" else ("query", "key", "out")
+  want = jax.jit(half.apply)({"params": {k: params[k] for k in names}}, x)
+  bound = 4 * (n_keys(x) + 4 * 2 + 4) * F32_EPS * output_scale({"params": params}, x)
+  assert_within(y, want, bound)
+
+
+@st.composite
+def gates(draw):
+  """4 gate values in [-8, 8] (float32)."""
+  return np.asarray(draw(st.lists(st.floats(-8, 8, width=32), min_size=4, max_size=4)), np.float32)
+
+
+@layer_settings
+@given(gates())
+def test_gpsa_rows_sum_to_one_for_any_gate_and_gradients_reach_the_gate(gate):
+  gpsa, _, _ = _gpsa_and_halves()
+  x = jnp.asarray(rng_for("gpsa rows").normal(size=(2, 3, 4, 2)), jnp.float32)
+  params = dict(jax.jit(gpsa.init)(jax.random.key(2), x)["params"], gate=jnp.asarray(gate))
+  _, _, probs = forward(gpsa, x, {"params": params})
+  chex.assert_shape(probs, (2, 4, 12, 12))  # (B, H, Nq, Nk)
+  assert np.all(probs >= 0)
+  np.testing.assert_allclose(probs.sum(-1), 1.0, atol=(12 + 8) * F32_EPS, rtol=0)
+
+  def loss(g):
+    return jnp.sum(gpsa.apply({"params": dict(params, gate=g)}, x) ** 2)
+
+  grad = jax.jit(jax.grad(loss))(jnp.asarray(gate))
+  assert np.all(np.isfinite(grad)) and np.any(grad != 0)
+
+
+@pytest.mark.parametrize("sharpness_param, name", [("spread", "spreads"), ("alpha", "alpha")])
+def test_local_initialisation_puts_centres_on_the_lattice(sharpness_param, name):
+  """ConViT's local init: 9 heads on the 3x3 lattice {-1, 0, 1}^2, sharpness = strength."""
+  layer = MultiHeadRelativeAttention(
+    9, encoding="gpsa", locality_strength=2.0, sharpness_param=sharpness_param
+  )
+  params = jax.jit(layer.init)(jax.random.key(0), jnp.zeros((1, 5, 5, 2)))["params"]
+  want = np.array([[i, j] for i in (-1, 0, 1) for j in (-1, 0, 1)], np.float32)
+  np.testing.assert_array_equal(params["centers"], want)
+  alpha = params[name] if name == "alpha" else 0.5 * params[name] ** 2
+  np.testing.assert_allclose(alpha, 2.0, rtol=2 * F32_EPS)
+  with pytest.raises(
+    ValueError, match=r"num_heads: expected a 2-th power for local centres, got 8"
+  ):
+    MultiHeadRelativeAttention(8, locality_strength=1.0).init(
+      jax.random.key(0), jnp.zeros((1, 5, 5, 2))
+    )
+  with pytest.raises(ValueError, match=r"locality_strength: expected None or a float > 0"):
+    MultiHeadRelativeAttention(9, locality_strength=-1.0).init(
+      jax.random.key(0), jnp.zeros((1, 5, 5, 2))
+    )
+
+
+def test_relative_attention_gate_needs_both_halves():
+  v, w = jnp.ones((1, 4, 2)), jnp.ones((1, 2, 2))
+  with pytest.raises(ValueError, match=r"gate: expected content .* and position scores"):
+    attn.relative_attention(v, w, position_logits=jnp.zeros((1, 4, 4)), gate=jnp.zeros((1,)))
