@@ -319,3 +319,30 @@ def test_mimetic_init_bad_input():
     mimetic_init({"dense": {"kernel": jnp.zeros((3, 3))}}, jax.random.PRNGKey(0))
   with pytest.raises(TypeError, match=r"alpha: expected a finite real number, got 'x'"):
     mimetic_init({}, jax.random.PRNGKey(0), alpha="x")
+
+
+@pytest.mark.parametrize("pool", ["mean", "cls"])
+def test_convit_blocks_are_gpsa_with_local_init_then_content(pool):
+  """``gpsa_layers=2``: blocks 0-1 are GPSA layers (gate, centres on the 3x3 lattice), blocks
+  2-3 content attention; with ``pool="cls"`` the class token joins after the GPSA blocks and
+  the position embedding covers the patches only (ConViT)."""
+  model = build_model("vit", num_classes=10, num_heads=9, hidden_size=36, gpsa_layers=2, pool=pool)
+  x = jnp.ones((2, 28, 28, 1))
+  variables = jax.jit(model.init)(jax.random.key(0), x)
+  params = variables["params"]
+  lattice = np.array([[i, j] for i in (-1, 0, 1) for j in (-1, 0, 1)], np.float32)
+  for i in (0, 1):
+    attention = params[f"block_{i}"]["attention"]
+    np.testing.assert_array_equal(attention["centers"], lattice)
+    np.testing.assert_array_equal(attention["gate"], np.ones(9, np.float32))
+  for i in (2, 3):
+    assert "gate" not in params[f"block_{i}"]["attention"]
+  assert params["pos_embedding"].shape == (7, 7, 36)
+  _, state = jax.jit(lambda v: model.apply(v, x, mutable=["intermediates"]))(variables)
+  maps = [state["intermediates"][f"block_{i}"]["attention"]["attention_probs"][0] for i in range(4)]
+  n = 49 + (pool == "cls")
+  assert [m.shape for m in maps] == [(2, 9, 49, 49)] * 2 + [(2, 9, n, n)] * 2
+  with pytest.raises(ValueError, match=r"gpsa_layers: expected 0 to"):
+    build_model("vit", num_heads=9, hidden_size=36, gpsa_layers=4, pool="cls").init(
+      jax.random.key(0), x
+    )

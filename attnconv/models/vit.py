@@ -79,6 +79,9 @@ class ViTBlock(nn.Module):
     mlp_dim: hidden width of the MLP.
     dropout_rate: dropout after the attention and after the MLP.
     attention_dropout_rate: dropout on the attention probabilities.
+    encoding: ``"content"`` (ViT) or ``"gpsa"`` (ConViT's gated positional self-attention; needs
+      a token grid).
+    locality_strength: ConViT's local initialisation of the GPSA centres (``None``: random).
     dtype: computation dtype (``None``: inferred).
     param_dtype: parameter dtype.
   """
@@ -88,6 +91,8 @@ class ViTBlock(nn.Module):
   mlp_dim: int = 128
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
+  encoding: str = "content"
+  locality_strength: float | None = None
   dtype: Any = None
   param_dtype: Any = jnp.float32
 
@@ -105,7 +110,8 @@ class ViTBlock(nn.Module):
     )
     y = MultiHeadRelativeAttention(
       num_heads=h,
-      encoding="content",
+      encoding=self.encoding,
+      locality_strength=self.locality_strength,
       qk_features=d // h,
       value_features=d // h,
       out_features=d,
@@ -132,6 +138,11 @@ class ViT(nn.Module):
     num_heads: attention heads ``H`` (must divide ``hidden_size``).
     mlp_dim: hidden width ``M`` of the MLPs.
     pool: ``"mean"`` (average of the output tokens) or ``"cls"`` (a learned class token).
+    gpsa_layers: the first this many blocks use GPSA on the token grid (ConViT, d'Ascoli et al.
+      2021); with ``pool="cls"`` the class token joins after them, as in ConViT, and the
+      position embedding covers the patch tokens only. 0: the plain ViT.
+    locality_strength: ConViT's local initialisation of the GPSA blocks (``None``: random
+      centres).
     dropout_rate: dropout on the embeddings and after each attention and MLP.
     attention_dropout_rate: dropout on the attention probabilities.
     dtype: computation dtype (e.g. ``jnp.bfloat16``); logits are returned in float32.
@@ -147,6 +158,8 @@ class ViT(nn.Module):
   pool: str = "mean"
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
+  gpsa_layers: int = 0
+  locality_strength: float | None = 1.0
   dtype: Any = None
   param_dtype: Any = jnp.float32
 
@@ -191,7 +204,10 @@ class ViT(nn.Module):
     )(x)
     b, gh, gw, _ = x.shape
     cls = self.pool == "cls"
-    if cls:
+    top = self.num_layers - 1 if cls else self.num_layers  # the class token needs a block
+    if not 0 <= self.gpsa_layers <= top:
+      raise ValueError(f"gpsa_layers: expected 0 to {top}, got {self.gpsa_layers}")
+    if cls and self.gpsa_layers == 0:
       token = self.param("cls_token", nn.initializers.normal(0.02), (d,), self.param_dtype)
       token = jnp.broadcast_to(token.astype(x.dtype)[None, None], (b, 1, d))
       x = jnp.concatenate([token, x.reshape(b, gh * gw, d)], axis=1)
@@ -201,12 +217,19 @@ class ViT(nn.Module):
     x = x + pos[None]
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     for i in range(self.num_layers):
+      gpsa = i < self.gpsa_layers
+      if cls and i == self.gpsa_layers > 0:  # ConViT: the class token joins after the GPSA blocks
+        token = self.param("cls_token", nn.initializers.normal(0.02), (d,), self.param_dtype)
+        token = jnp.broadcast_to(token.astype(x.dtype)[None, None], (b, 1, d))
+        x = jnp.concatenate([token, x.reshape(b, gh * gw, d)], axis=1)
       x = ViTBlock(
         num_heads=self.num_heads,
         hidden_size=d,
         mlp_dim=self.mlp_dim,
         dropout_rate=self.dropout_rate,
         attention_dropout_rate=self.attention_dropout_rate,
+        encoding="gpsa" if gpsa else "content",
+        locality_strength=self.locality_strength if gpsa else None,
         dtype=self.dtype,
         param_dtype=self.param_dtype,
         name=f"block_{i}",
