@@ -41,6 +41,7 @@ from jax.sharding import PartitionSpec as P
 
 from attnconv.models import build_model, count_params
 from attnconv.models.conv_init import init_attention_as_convolution
+from attnconv.models.mimetic import mimetic_init
 from experiments import input_pipeline
 from experiments.accumulation import accumulated_value_and_grad
 
@@ -479,6 +480,9 @@ def train_and_evaluate(
   latest = manager.latest_step()
   if latest is None:
     state = jax.jit(init_fn, out_shardings=replicated)(init_key)
+    if config.get("mimetic_init", False):  # Trockman & Kolter; SVDs of the kernels on the host
+      params = mimetic_init(jax.device_get(state.params), jax.random.fold_in(init_key, 2))
+      state = jax.device_put(state.replace(params=params, opt_state=tx.init(params)), replicated)
   else:  # No init: restore straight into the (sharded) abstract state.
     state = manager.restore(latest, args=ocp.args.StandardRestore(abstract))
     print(f"Resumed from {workdir / 'checkpoints'} at step {latest}.", flush=True)

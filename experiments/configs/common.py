@@ -27,6 +27,9 @@ Fields:
   conv_init_alpha: 0 (off) or a finite sharpness > 0: start every quadratic attention layer as a
     freshly initialised K x K convolution with this alpha (via ``conv_to_attention``; see
     :func:`attnconv.models.conv_init.init_attention_as_convolution`), then train it freely.
+  mimetic_init: rewrite every content attention layer's query/key and value/out kernels at
+    initialisation so that W_q W_k^T ~ 0.7 Z + 0.7 I and W_v W_o ~ 0.4 Z - 0.4 I per head
+    (:func:`attnconv.models.mimetic.mimetic_init`, Trockman & Kolter 2023).
   seed: seed of the parameter init, the batch order, augmentation and dropout.
   dtype: ``"float32"`` or ``"bfloat16"`` computation (parameters stay float32).
   microbatches: gradient accumulation over this many equal slices of each batch (memory).
@@ -86,6 +89,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   config.seed = 42
   config.conv_init_alpha = 0.0
+  config.mimetic_init = False
   config.dtype = "float32"
 
   config.eval_every_steps = -1
