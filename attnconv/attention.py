@@ -116,6 +116,46 @@ def dropout_probs(rng: Array, probs: Array, rate: float, batch_size: int | None 
   return jnp.where(uniform16 >= threshold, probs * scale, jnp.zeros((), probs.dtype))
 
 
+def attention_distance(
+  probs: Array, query_positions: Sequence[Any], key_positions: Sequence[Any]
+) -> Array:
+  """Per-head attention distance: the attention-weighted mean query-key distance.
+
+  The "non-locality" of ConViT (d'Ascoli et al., "ConViT: Improving Vision Transformers with
+  Soft Convolutional Inductive Biases", ICML 2021, Sec. 4)::
+
+    D_h = mean_q sum_k P_h[q, k] ||k - q||_2
+
+  with ``||k - q||_2`` the Euclidean norm of the relative shift in grid units (coordinates as in
+  :mod:`attnconv.grids`, from :func:`attnconv.encodings.relative_offsets`). Content
+  probabilities are also averaged over images. A head attending only to its query has distance
+  0; a head attending to a fixed shift ``delta`` from every query has distance ``||delta||``.
+
+  Args:
+    probs: ``(H, Nq, Nk)`` or ``(B, H, Nq, Nk)`` attention probabilities (rows sum to 1).
+    query_positions: per-axis query coordinates ``(q_0, ..., q_{d-1})``, ``Nq = prod(Nq_a)``.
+    key_positions: per-axis key coordinates ``(k_0, ..., k_{d-1})``, ``Nk = prod(Nk_a)``.
+
+  Returns:
+    ``(H,)`` distances, in at least float32.
+
+  Raises:
+    ValueError: naming ``probs`` if it is not ``(H, Nq, Nk)`` or ``(B, H, Nq, Nk)`` with the
+      positions' ``Nq`` and ``Nk``; naming the positions if they are malformed.
+  """
+  probs = jnp.asarray(probs)
+  offsets = enc.relative_offsets(query_positions, key_positions)  # (Nq, Nk, d)
+  if probs.ndim not in (3, 4) or probs.shape[-2:] != offsets.shape[:2]:
+    raise ValueError(
+      f"probs: expected (H, Nq, Nk) or (B, H, Nq, Nk) with (Nq, Nk) = {offsets.shape[:2]}, got "
+      f"{probs.shape}"
+    )
+  compute = jnp.promote_types(probs.dtype, jnp.float32)
+  distances = jnp.linalg.norm(offsets.astype(compute), axis=-1)  # (Nq, Nk)
+  per_query = jnp.einsum("...hqk,qk->...hq", probs.astype(compute), distances)
+  return jnp.mean(per_query.reshape(-1, *per_query.shape[-2:]), axis=(0, 2))
+
+
 # ----------------------------------------------------------------------------------------------
 # Aggregation and projection
 # ----------------------------------------------------------------------------------------------

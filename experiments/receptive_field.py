@@ -13,6 +13,12 @@ images), and the mass within Euclidean distance ``r`` of the query (in tokens of
 is averaged over heads and queries. A 3x3 convolution puts all its weight within ``r = sqrt(2)``
 at every layer (its fixed field); the attention network chooses its own. Also reported per layer:
 ``r50`` / ``r90``, the smallest radius holding 50% / 90% of the mass, and the mean distance.
+
+Under ``attention_distance``, per layer and per head: ConViT's non-locality (d'Ascoli et al.
+2021; :func:`attnconv.attention.attention_distance`), the attention-weighted mean Euclidean
+query-key distance in tokens, of each layer's own sown maps (every block on its own input), after
+training (``final``) and at the trainer's initialisation from the run's seed (``init``), with the
+means over heads.
 """
 
 from __future__ import annotations
@@ -80,20 +86,28 @@ def radius_for_mass(probs: np.ndarray, distances: np.ndarray, mass: float) -> fl
   )
 
 
-def layer_probabilities(workdir: str | os.PathLike, num_images: int = 200) -> tuple[list, tuple]:
-  """Per layer, the sown attention probabilities of a trained network and its token grid."""
-  import jax
+def _load_run(workdir: str | os.PathLike, num_images: int) -> tuple[Any, Any, Any, Any, tuple]:
+  """A trainer workdir's config, dataset, model, normalised test images and token grid."""
   import ml_collections
 
-  from experiments import conversion, input_pipeline
+  from experiments import input_pipeline
   from experiments import train as train_lib
 
   workdir = pathlib.Path(workdir)
   config = ml_collections.ConfigDict(json.loads((workdir / train_lib.CONFIG_FILE).read_text()))
   dataset = train_lib.load_dataset_from_config(config)
   model = train_lib._build_model(config, dataset.num_classes)
-  variables = conversion.load_best(workdir)
   images = input_pipeline.normalize(dataset.test_images[:num_images], dataset.mean, dataset.std)
+  down = int(config.model.get("downsample", 1))
+  grid = tuple(n // down for n in dataset.image_shape[:2])
+  return config, dataset, model, images, grid
+
+
+def _sown_probabilities(model, variables, images) -> list[np.ndarray]:
+  """Per layer (in depth order), the ``attention_probs`` each layer sows on ``images``: every
+  block's map of its own input."""
+  import jax
+
   _, state = jax.jit(lambda v, x: model.apply(v, x, train=False, mutable=["intermediates"]))(
     variables, images
   )
@@ -104,9 +118,113 @@ def layer_probabilities(workdir: str | os.PathLike, num_images: int = 200) -> tu
     if "attention_probs" in keys:
       probs.append((keys, np.asarray(leaf)))
   probs.sort(key=lambda kv: [int(k.split("_")[-1]) if k.startswith("block_") else 0 for k in kv[0]])
-  down = int(config.model.get("downsample", 1))
-  grid = tuple(n // down for n in dataset.image_shape[:2])
-  return [p for _, p in probs], grid
+  return [p for _, p in probs]
+
+
+def initial_variables(config, model, image_shape: Sequence[int]) -> dict:
+  """The trainer's initial ``{'params', 'batch_stats'}`` for ``config``: the same keys (from
+  ``config.seed``), the same jitted initialisation and, with ``conv_init_alpha > 0`` or
+  ``mimetic_init``, the same rewrite of the attention layers. Runs started from given
+  ``init_variables`` (fine-tuning a converted network) are not reproduced: their initial
+  parameters are not in the workdir."""
+  import jax
+  import jax.numpy as jnp
+
+  from attnconv.models.conv_init import init_attention_as_convolution
+  from attnconv.models.mimetic import mimetic_init
+
+  init_key, _ = jax.random.split(jax.random.key(int(config.seed)))
+  sample = jnp.zeros((1, *image_shape), jnp.float32)
+  alpha = float(config.get("conv_init_alpha", 0.0))
+
+  def init_fn(key):
+    params_key, dropout_key = jax.random.split(key)
+    variables = model.init({"params": params_key, "dropout": dropout_key}, sample, train=False)
+    params = variables["params"]
+    if alpha > 0:
+      params = init_attention_as_convolution(params, jax.random.fold_in(params_key, 1), alpha=alpha)
+    return {"params": params, "batch_stats": variables.get("batch_stats", {})}
+
+  variables = jax.jit(init_fn)(init_key)
+  if config.get("mimetic_init", False):
+    variables["params"] = mimetic_init(
+      jax.device_get(variables["params"]), jax.random.fold_in(init_key, 2)
+    )
+  return variables
+
+
+def layer_probabilities(
+  workdir: str | os.PathLike, num_images: int = 200, *, which: str = "best"
+) -> tuple[list, tuple]:
+  """Per layer, the sown attention probabilities of a trained network and its token grid.
+
+  ``which``: ``'best'`` (the best-validation checkpoint) or ``'init'`` (:func:`initial_variables`).
+  """
+  from experiments import conversion
+
+  if which not in ("best", "init"):
+    raise ValueError(f"which: expected 'best' or 'init', got {which!r}")
+  config, dataset, model, images, grid = _load_run(workdir, num_images)
+  if which == "best":
+    variables = conversion.load_best(workdir)
+  else:
+    variables = initial_variables(config, model, dataset.image_shape)
+  return _sown_probabilities(model, variables, images), grid
+
+
+def layer_attention_distances(
+  probs_per_layer: Sequence[np.ndarray], grid: Sequence[int]
+) -> list[np.ndarray]:
+  """Per layer, the ``(H,)`` attention distance of each head
+  (:func:`attnconv.attention.attention_distance`: mean over queries, and images for content
+  maps, of the attention-weighted Euclidean query-key distance, in tokens of the grid)."""
+  from attnconv.attention import attention_distance
+
+  positions = tuple(np.arange(n) for n in grid)
+  return [
+    np.asarray(attention_distance(np.asarray(p, np.float32), positions, positions), np.float64)
+    for p in probs_per_layer
+  ]
+
+
+def attention_distance_entries(
+  init: Sequence[np.ndarray], final: Sequence[np.ndarray]
+) -> list[dict[str, Any]]:
+  """JSON entries per layer: per-head distances at initialisation and after training, and
+  their means over heads."""
+  if len(init) != len(final):
+    raise ValueError(f"init: expected {len(final)} layers (as final), got {len(init)}")
+  return [
+    {
+      "layer": layer,
+      "init": np.round(a, 4).tolist(),
+      "final": np.round(b, 4).tolist(),
+      "init_mean": round(float(np.mean(a)), 4),
+      "final_mean": round(float(np.mean(b)), 4),
+    }
+    for layer, (a, b) in enumerate(zip(init, final))
+  ]
+
+
+def summarise_run(
+  workdir: str | os.PathLike, num_images: int = 200, radii: Sequence[float] | None = None
+) -> dict[str, Any]:
+  """A workdir's JSON entry: its grid, the per-layer receptive-field summary (:func:`analyse`)
+  of the trained network, and the per-head attention distance of every layer at initialisation
+  (same seed as the run) and after training."""
+  from experiments import conversion
+
+  config, dataset, model, images, grid = _load_run(workdir, num_images)
+  final = _sown_probabilities(model, conversion.load_best(workdir), images)
+  init = _sown_probabilities(model, initial_variables(config, model, dataset.image_shape), images)
+  return {
+    "workdir": str(workdir),
+    "grid": list(grid),
+    "layers": analyse(final, grid, RADII if radii is None else radii),
+    "attention_distance": attention_distance_entries(
+      layer_attention_distances(init, grid), layer_attention_distances(final, grid)
+    ),
+  }
 
 
 def analyse(
@@ -189,13 +307,12 @@ def main(argv: list[str]) -> None:
     raise app.UsageError("--names: expected one name per workdir")
   results: dict[str, Any] = {"radii": list(RADII), "models": {}}
   for name, workdir in zip(names, FLAGS.workdirs):
-    probs, grid = layer_probabilities(workdir, FLAGS.images)
-    results["models"][name] = {"workdir": workdir, "grid": list(grid)}
-    results["models"][name]["layers"] = analyse(probs, grid, RADII)
-    for lay in results["models"][name]["layers"]:
+    results["models"][name] = entry = summarise_run(workdir, FLAGS.images)
+    for lay, dist in zip(entry["layers"], entry["attention_distance"]):
       print(
         f"{name:28s} layer {lay['layer'] + 1}: r50 {lay['r50']:.2f}  r90 {lay['r90']:.2f}  "
-        f"mass<=sqrt2 {lay['mass_within']['1.41421']:.3f}  mean dist {lay['mean_distance']:.2f}"
+        f"mass<=sqrt2 {lay['mass_within']['1.41421']:.3f}  mean dist {lay['mean_distance']:.2f}  "
+        f"attention distance {dist['init_mean']:.2f} (init) -> {dist['final_mean']:.2f}"
       )
   if results["models"]:  # Reference: every head uniform over the grid (no locality at all).
     grid = next(iter(results["models"].values()))["grid"]

@@ -84,3 +84,60 @@ def test_trained_workdir(tmp_path, monkeypatch):
   results = {"models": {"x": {"layers": rf.analyse(probs, grid, rf.RADII)}}}
   rf.plot(results, tmp_path / "rf.png")
   assert (tmp_path / "rf.png").stat().st_size > 1000
+
+  # The JSON entry: the receptive-field summary as before, and the attention distance per layer
+  # and head of the trained network and of its initialisation (the run's seed).
+  entry = rf.summarise_run(tmp_path, num_images=5)
+  assert entry["grid"] == [7, 7] and entry["layers"] == results["models"]["x"]["layers"]
+  dist = entry["attention_distance"]
+  assert [d["layer"] for d in dist] == [0, 1]
+  for d in dist:
+    for when in ("init", "final"):
+      heads = np.asarray(d[when])
+      assert heads.shape == (4,)
+      assert np.all(np.isfinite(heads)) and np.all(heads >= 0.0)
+      assert d[f"{when}_mean"] == pytest.approx(heads.mean(), abs=1e-3)
+  # Head means agree with the summary's mean distance (batch- and head-averaged maps).
+  for d, lay in zip(dist, entry["layers"]):
+    assert d["final_mean"] == pytest.approx(lay["mean_distance"], abs=2e-3)
+  init_probs, _ = rf.layer_probabilities(tmp_path, num_images=5, which="init")
+  np.testing.assert_allclose(
+    [d["init"] for d in dist], np.round(rf.layer_attention_distances(init_probs, grid), 4)
+  )
+  with pytest.raises(ValueError, match="which"):
+    rf.layer_probabilities(tmp_path, which="last")
+
+
+def test_initial_variables_are_the_trainers(tmp_path, monkeypatch):
+  """initial_variables reproduces the trainer's initialisation: a run with learning rate 0
+  keeps its initial parameters as its best checkpoint."""
+  import jax
+
+  from experiments import conversion
+
+  monkeypatch.setattr(train_lib, "load_dataset_from_config", lambda config: _synthetic(40))
+  config = common.base_config()
+  config.model = {
+    "name": "attention_net",
+    "num_layers": 1,
+    "num_heads": 2,
+    "hidden_size": 8,
+    "mlp_dim": 8,
+    "downsample": 4,
+    "encoding": "learned_content",
+  }
+  config.seed, config.learning_rate, config.weight_decay = 3, 0.0, 0.0
+  config.num_train_steps, config.eval_every_steps, config.checkpoint_every_steps = 1, 1, 1
+  config.batch_size, config.progress_bar, config.plot = 8, False, False
+  dataset = _synthetic(40)
+  train_lib.train_and_evaluate(config, tmp_path, dataset=dataset)
+  model = train_lib._build_model(config, dataset.num_classes)
+  init = rf.initial_variables(config, model, dataset.image_shape)
+  best = conversion.load_best(tmp_path)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, init["params"], best["params"])
+  config.seed = 4
+  other = rf.initial_variables(config, model, dataset.image_shape)
+  assert not all(
+    np.array_equal(a, b)
+    for a, b in zip(jax.tree_util.tree_leaves(other), jax.tree_util.tree_leaves(init))
+  )
