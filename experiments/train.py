@@ -13,7 +13,7 @@
   step, RNG key, metric accumulators) with automatic resume; the best-validation weights in
   ``<workdir>/best``.
 * ``<workdir>/config.json``, ``metrics.jsonl`` (one JSON object per evaluation),
-  ``centers.jsonl`` (quadratic attention centres per evaluation), ``summary.json``, ``plots/``.
+  ``centers.jsonl`` (quadratic attention centres and sharpness alpha per evaluation), ``summary.json``, ``plots/``.
 * Model selection is on the validation split only: ``final_test_accuracy`` is the test accuracy
   of the evaluation with the best validation accuracy; ``last_test_accuracy`` that of the end.
 """
@@ -694,5 +694,12 @@ def _better(value: float, best: float) -> bool:
 
 
 def _log_centers(path: pathlib.Path, step: int, params: Any) -> None:
-  centers = find_params(jax.device_get(params), "centers")
-  _append_jsonl(path, {"step": step, "centers": {k: v.tolist() for k, v in centers.items()}})
+  """Appends the quadratic layers' centres ``(H, d)`` and sharpness ``alpha`` ``(H,)`` (the
+  ``alpha`` parameter, or ``spreads^2 / 2``), keyed by layer path."""
+  params = jax.device_get(params)
+  centers = find_params(params, "centers")
+  alpha = find_params(params, "alpha")
+  alpha.update({k: 0.5 * v**2 for k, v in find_params(params, "spreads").items() if v.ndim == 1})
+  record = {"step": step, "centers": {k: v.tolist() for k, v in centers.items()}}
+  record["alpha"] = {k: v.tolist() for k, v in alpha.items()}
+  _append_jsonl(path, record)

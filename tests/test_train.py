@@ -260,6 +260,10 @@ def test_attention_net_smoke(tmp_path):
   assert [r["step"] for r in centers] == [0, 1]
   (layer,) = centers[0]["centers"]
   assert np.asarray(centers[0]["centers"][layer]).shape == (4, 2)
+  # alpha = spreads^2 / 2 per head, logged next to the centres
+  assert list(centers[0]["alpha"]) == [layer]
+  alpha = np.asarray(centers[0]["alpha"][layer])
+  assert alpha.shape == (4,) and np.all(alpha > 0)
   for name in ("accuracy.png", "centers.png", "attention_contours.png", "attention_maps.png"):
     assert (tmp_path / "plots" / name).exists(), name
   # Centres and spreads are excluded from weight decay but still trained (lr > 0 at step 0?
@@ -267,6 +271,8 @@ def test_attention_net_smoke(tmp_path):
   _, state = _restore_latest(tmp_path)
   found = train_lib.find_params(state["params"], "spreads")
   assert found and all(np.isfinite(v).all() for v in found.values())
+  (spreads,) = found.values()
+  np.testing.assert_allclose(centers[-1]["alpha"][layer], 0.5 * spreads**2, rtol=1e-6)
 
 
 @pytest.mark.parametrize("microbatches, unroll", [(2, False), (4, False), (4, True)])
