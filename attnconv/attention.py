@@ -86,6 +86,17 @@ def combine_axis_probs(axis_probs: Sequence[Array]) -> Array:
   return total.reshape(axis_probs[0].shape[0], nq, -1)
 
 
+def position_probs(position_logits: Array | Sequence[Array], *, hard: bool = False) -> Array:
+  """Probabilities ``(H, Nq, Nk)`` (or ``(B, H, Nq, Nk)``) of position scores: per-axis terms
+  ``[(H, Nq_a, Nk_a)]`` are normalised per axis and combined (the softmax of a sum over axes
+  is the product of the per-axis softmaxes; the same for the hard limit), full scores are
+  normalised directly. Softmax, or :func:`hard_attention` with ``hard=True``."""
+  normalize = hard_attention if hard else softmax
+  if isinstance(position_logits, (tuple, list)):
+    return combine_axis_probs([normalize(t) for t in position_logits])
+  return normalize(position_logits)
+
+
 def dropout_probs(rng: Array, probs: Array, rate: float, batch_size: int | None = None) -> Array:
   """Dropout on attention probabilities: entries zeroed with probability ``rate``, the rest
   scaled so that the expectation is unchanged.
@@ -360,10 +371,7 @@ def relative_attention(
 
   probs = None
   if gate is not None:  # GPSA: a per-head convex combination of two softmaxes
-    if per_axis:
-      position = combine_axis_probs([softmax(t) for t in position_logits])
-    else:
-      position = softmax(position_logits)
+    position = position_probs(position_logits)
     position = position.reshape((-1, *position.shape[-3:]))  # (1 | B, H, Nq, Nk)
     g = jax.nn.sigmoid(gate.astype(jnp.float32)).reshape(1, -1, 1, 1)
     content_probs = softmax(enc.content_logits(query, key).astype(jnp.float32))
@@ -398,10 +406,7 @@ def relative_attention(
     if return_probs:
       probs = combine_axis_probs(axis_probs)
   else:
-    if per_axis:
-      probs = combine_axis_probs([normalize(t) for t in position_logits])
-    else:
-      probs = normalize(position_logits)
+    probs = position_probs(position_logits, hard=hard)
     p = dropout(probs).astype(values.dtype)
     if p.ndim == 3 and values.ndim == 3:
       y = aggregate_project(p, values, kernel, precision=precision)

@@ -334,11 +334,7 @@ class MultiHeadRelativeAttention(nn.Module):
     _, kpos, qpos = layer_grids(self, spatial_shape)
     learned = self.encoding == "learned"
     width = self.get_variable("params", "rel_table_0").shape[1] if learned else 1
-    logits = self._position_logits(kpos, qpos, width)
-    normalize = attn.hard_attention if self.hard else attn.softmax
-    if isinstance(logits, tuple):
-      return attn.combine_axis_probs([normalize(t) for t in logits])
-    return normalize(logits)
+    return attn.position_probs(self._position_logits(kpos, qpos, width), hard=self.hard)
 
   def key_values(self, x: Array) -> Array:
     """The keys/values on the padded, input-dilated key grid, flattened: ``(B, Nk, C)``."""
@@ -388,7 +384,7 @@ class MultiHeadRelativeAttention(nn.Module):
     if self.implementation == "gather":  # the hard limit as shifted views of the keys (im2col)
       centers = self.get_variable("params", "centers")
       y = attn.gather_project(keys, kpos, qpos, centers, kernel, bias, precision=self.precision)
-      probs = attn.combine_axis_probs([attn.hard_attention(t) for t in position]) if sow else None
+      probs = attn.position_probs(position, hard=True) if sow else None
     else:
       out = attn.relative_attention(
         values,
