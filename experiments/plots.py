@@ -65,7 +65,8 @@ HEAD_COLORS = (
 PathLike = str | os.PathLike
 
 
-def _head_color(h: int) -> str:
+def head_color(h: int) -> str:
+  """The colour of head ``h`` in every figure."""
   return HEAD_COLORS[h % len(HEAD_COLORS)]
 
 
@@ -96,7 +97,7 @@ def mass_threshold(probs: np.ndarray, mass: float) -> float:
   return float(0.5 * (flat[k] + below))
 
 
-def _crop(maps: np.ndarray, query: tuple[int, int], window: int | None):
+def crop(maps: np.ndarray, query: tuple[int, int], window: int | None):
   """Crops ``(..., h, w)`` maps to a window centred on ``query``; returns maps and new query."""
   h, w = maps.shape[-2:]
   if window is None or window >= max(h, w):
@@ -107,7 +108,8 @@ def _crop(maps: np.ndarray, query: tuple[int, int], window: int | None):
   return maps[..., r0 : r0 + window, c0 : c0 + window], (query[0] - r0, query[1] - c0)
 
 
-def _draw_contours(ax, maps: np.ndarray, query: tuple[int, int], masses: Sequence[float]) -> None:
+def draw_contours(ax, maps: np.ndarray, query: tuple[int, int], masses: Sequence[float]) -> None:
+  """Draws each head's ``masses`` contours of ``(heads, h, w)`` maps on ``ax``, the query outlined."""
   styles = ("solid", "dotted", "dashed", "dashdot")
   heads, h, w = maps.shape
   ys, xs = np.mgrid[0:h, 0:w]
@@ -125,7 +127,7 @@ def _draw_contours(ax, maps: np.ndarray, query: tuple[int, int], masses: Sequenc
               1,
               1,
               fill=False,
-              edgecolor=_head_color(head),
+              edgecolor=head_color(head),
               linestyle=styles[i % len(styles)],
               linewidth=1.5,
             )
@@ -138,7 +140,7 @@ def _draw_contours(ax, maps: np.ndarray, query: tuple[int, int], masses: Sequenc
           ys,
           m,
           levels=[level],
-          colors=[_head_color(head)],
+          colors=[head_color(head)],
           linestyles=[styles[i % len(styles)]],
           linewidths=1.5,
         )
@@ -193,8 +195,8 @@ def plot_attention_contours(
   fig, axes = plt.subplots(1, n, figsize=(2.6 * n, 2.8), squeeze=False)
   for i, m in enumerate(maps):
     q = query if query is not None else (m.shape[1] // 2, m.shape[2] // 2)
-    cropped, q = _crop(m, q, window)
-    _draw_contours(axes[0, i], cropped, q, masses)
+    cropped, q = crop(m, q, window)
+    draw_contours(axes[0, i], cropped, q, masses)
     axes[0, i].set_title(titles[i] if titles else f"layer {i + 1}", fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
@@ -234,7 +236,7 @@ def plot_attention_maps(
   fig, axes = plt.subplots(layers, heads, figsize=(1.4 * heads, 1.4 * layers + 0.4), squeeze=False)
   for i, m in enumerate(maps):
     q = query if query is not None else (m.shape[1] // 2, m.shape[2] // 2)
-    cropped, qc = _crop(m, q, window)
+    cropped, qc = crop(m, q, window)
     for h in range(heads):
       ax = axes[i, h]
       ax.set_xticks([])
@@ -294,7 +296,7 @@ def plot_center_trajectories(
       )
     for h in range(traj.shape[1]):
       col, row = traj[:, h, 1], traj[:, h, 0]
-      c = _head_color(h)
+      c = head_color(h)
       ax.plot(col, row, "-", color=c, linewidth=1.0, alpha=0.8)
       ax.plot(col[0], row[0], "o", color=c, markersize=3, alpha=0.6)
       ax.plot(col[-1], row[-1], "*", color=c, markersize=8)

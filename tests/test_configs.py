@@ -59,6 +59,7 @@ def test_the_config_files():
     "conversion",
     "data_scaling",
     "fashion_small_cnn",
+    "grid",
     "paper",
     "quick",
   ]

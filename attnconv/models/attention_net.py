@@ -34,7 +34,7 @@ from attnconv.layers import MultiHeadRelativeAttention
 
 Array = jax.Array
 
-ENCODINGS = ("quadratic", "generalized", "learned", "learned_content")
+ENCODINGS = ("quadratic", "generalized", "learned", "learned_content", "gpsa")
 
 # 'auto' takes the separable path from this many tokens on (a 16 x 16 grid): on smaller grids the
 # per-axis contractions are too short (K = grid side) to beat the dense products; measured in
@@ -110,7 +110,7 @@ class AttentionBlock(nn.Module):
         "kernel_init": torch_kernel_init(),
         "bias_init": torch_bias_init(self.num_heads * d),
       }
-    if self.encoding == "learned_content":
+    if self.encoding in ("learned_content", "gpsa"):
       attn_kw["qk_features"] = d
     implementation = self.implementation
     if implementation == "auto":
@@ -150,7 +150,8 @@ class AttentionNet(nn.Module):
     num_heads: heads per layer (paper: 9; 16 in the many-heads run).
     hidden_size: ``D`` (paper: 400).
     mlp_dim: feed-forward width (paper: 512).
-    encoding: 'quadratic', 'generalized', 'learned' or 'learned_content'.
+    encoding: 'quadratic', 'generalized', 'learned', 'learned_content' or 'gpsa' (ConViT's
+      gated positional self-attention with the paper's random centres).
     downsample: space-to-depth block size (paper: 2).
     dropout_rate: hidden dropout (paper: 0.1).
     attention_dropout_rate: dropout on attention probabilities (paper: 0.1).
