@@ -1,21 +1,20 @@
 """Image-classification data: CIFAR-10 as in the paper, Fashion-MNIST offline.
 
-Every dataset goes through one code path, tensorflow-datasets (tfds):
+Both datasets are read by :mod:`experiments.datasets`, in plain numpy (no TensorFlow), and the
+whole (small) dataset is held in memory as numpy ``uint8`` arrays (:class:`Dataset`):
 
-* ``cifar10`` is tfds' own builder (``tfds.builder("cifar10")``, i.e. what ``tfds.load`` uses);
-  tfds downloads it into ``data_dir`` the first time, when the machine is online.
-* ``fashion_mnist`` is ``fashion_mnist_local`` (version 1.0.0; :func:`fashion_mnist_builder`), a
-  small ``GeneratorBasedBuilder`` that prepares the four official IDX ``.gz`` files from a local
+* ``cifar10`` is the official "CIFAR-10 python version" tarball, the file the paper's code reads
+  through torchvision's ``CIFAR10``: downloaded once into ``data_dir`` (default
+  ``$ATTNCONV_DATA_DIR``, else ``~/.cache/attnconv``) when the machine is online, md5-checked, and
+  read in torchvision's order (``data_batch_1`` .. ``data_batch_5``, ``test_batch``).
+* ``fashion_mnist`` is read from the four official IDX files (gzipped or not) in a local
   directory (``manual_dir``, then ``$ATTNCONV_FASHION_MNIST_DIR``, then
   ``/usr/share/datasets/fashion-mnist`` where the Debian package ``dataset-fashion-mnist``
-  installs them) into ``<data_dir>/fashion_mnist_local/1.0.0/`` the first time (raw uint8
-  tfrecords, official order), so nothing is ever downloaded; later calls only read it.
+  installs them), in the files' order, so nothing is ever downloaded.
 
-Both builders are then read once with ``builder.as_dataset`` (shards in order) and the whole
-(small) dataset is held in memory as numpy ``uint8`` arrays (:class:`Dataset`). TensorFlow never
-runs inside the training loop: batching (:func:`batch_at_step`) is a pure function of
-``(seed, step)``, so a resumed run sees exactly the same batches, and augmentation
-(:func:`augment`) and normalisation (:func:`normalize`) are jittable JAX functions.
+Batching (:func:`batch_at_step`) is a pure function of ``(seed, step)``, so a resumed run sees
+exactly the same batches, and augmentation (:func:`augment`) and normalisation
+(:func:`normalize`) are jittable JAX functions.
 
 The paper's pipeline (official code, ``train.py: get_dataset``): ``RandomCrop(32, padding=4)``,
 ``RandomHorizontalFlip()``, ``Normalize((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))``
@@ -26,15 +25,21 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import gzip
 import os
-import pathlib
-import struct
 from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from experiments import datasets
+from experiments.datasets import (
+  FASHION_MNIST_DEFAULT_DIR,
+  FASHION_MNIST_ENV_VAR,
+  FASHION_MNIST_FILES,
+  find_fashion_mnist_dir,
+  read_idx,
+)
 
 __all__ = [
   "CIFAR10_MEAN",
@@ -51,7 +56,6 @@ __all__ = [
   "batch_at_step",
   "epoch_permutation",
   "eval_batches",
-  "fashion_mnist_builder",
   "find_fashion_mnist_dir",
   "load_dataset",
   "normalize",
@@ -74,14 +78,6 @@ CIFAR10_STD = (0.2023, 0.1994, 0.2010)
 FASHION_MNIST_MEAN = (0.2860,)
 FASHION_MNIST_STD = (0.3530,)
 
-FASHION_MNIST_ENV_VAR = "ATTNCONV_FASHION_MNIST_DIR"
-FASHION_MNIST_DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
-FASHION_MNIST_FILES = {
-  "train_images": "train-images-idx3-ubyte.gz",
-  "train_labels": "train-labels-idx1-ubyte.gz",
-  "test_images": "t10k-images-idx3-ubyte.gz",
-  "test_labels": "t10k-labels-idx1-ubyte.gz",
-}
 FASHION_MNIST_CLASSES = (
   "T-shirt/top",
   "Trouser",
@@ -95,12 +91,6 @@ FASHION_MNIST_CLASSES = (
   "Ankle boot",
 )
 
-_MISSING_FASHION_MNIST = (
-  "Fashion-MNIST IDX files not found. Install them with `sudo apt-get install -y "
-  "dataset-fashion-mnist` (Debian/Ubuntu; puts them in {default}), or put the four files "
-  "{files} into a directory and pass it as manual_dir=... or set ${env}."
-)
-
 # Per-dataset defaults: (num_classes, mean, std, crop_padding, flip).
 _DEFAULTS = {
   "cifar10": (10, CIFAR10_MEAN, CIFAR10_STD, 4, True),
@@ -111,8 +101,6 @@ _DEFAULTS = {
 _STREAM_VAL = 0
 _STREAM_TRAIN_SUBSET = 1
 _STREAM_EPOCH = 2
-
-_READ_BATCH = 10_000  # examples per tf.data batch when reading a split into memory
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -160,202 +148,7 @@ class Dataset:
 
 
 # ----------------------------------------------------------------------------------------------
-# Fashion-MNIST: IDX files and the tfds builder.
-
-
-def read_idx(path: str | os.PathLike) -> np.ndarray:
-  """Reads an IDX file (optionally gzip-compressed) of unsigned bytes.
-
-  Args:
-    path: an ``idx1`` (labels) or ``idx3`` (images) file, gzipped if its name ends in ``.gz``.
-
-  Returns:
-    uint8 array of the file's shape: ``(N,)`` for labels, ``(N, H, W)`` for images.
-
-  Raises:
-    ValueError: if the file is not an unsigned-byte IDX file or is truncated.
-  """
-  path = pathlib.Path(path)
-  opener = gzip.open if path.suffix == ".gz" else open
-  with opener(path, "rb") as f:
-    data = f.read()
-  if len(data) < 4:
-    raise ValueError(f"path: {path} is not an IDX file (expected >= 4 bytes, got {len(data)})")
-  zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
-  if zero != 0 or dtype_code != 0x08:
-    raise ValueError(
-      f"path: {path} is not an unsigned-byte IDX file (expected magic 0x0000 0x08, got "
-      f"{zero:#06x} {dtype_code:#04x})"
-    )
-  header = 4 + 4 * ndim
-  shape = struct.unpack(f">{ndim}I", data[4:header])
-  expected = header + int(np.prod(shape, dtype=np.int64))
-  if len(data) != expected:
-    raise ValueError(
-      f"path: {path} has {len(data)} bytes, expected {expected} for an IDX array of shape {shape}"
-    )
-  return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
-
-
-def _has_fashion_mnist_files(directory: pathlib.Path) -> bool:
-  return all((directory / f).is_file() for f in FASHION_MNIST_FILES.values())
-
-
-def find_fashion_mnist_dir(manual_dir: str | os.PathLike | None = None) -> pathlib.Path:
-  """Locates the four Fashion-MNIST IDX ``.gz`` files.
-
-  Search order: ``manual_dir``, then ``$ATTNCONV_FASHION_MNIST_DIR``, then
-  ``/usr/share/datasets/fashion-mnist`` (Debian package ``dataset-fashion-mnist``). An explicitly
-  given directory (argument or environment variable) must hold the files.
-
-  Args:
-    manual_dir: optional directory holding the four files.
-
-  Returns:
-    The directory holding the files.
-
-  Raises:
-    FileNotFoundError: if no source holds the files; the message says what to install / set.
-  """
-  message = _MISSING_FASHION_MNIST.format(
-    default=FASHION_MNIST_DEFAULT_DIR,
-    files=", ".join(FASHION_MNIST_FILES.values()),
-    env=FASHION_MNIST_ENV_VAR,
-  )
-  for source, directory in (
-    ("manual_dir", manual_dir),
-    (f"${FASHION_MNIST_ENV_VAR}", os.environ.get(FASHION_MNIST_ENV_VAR) or None),
-  ):
-    if directory is not None:
-      directory = pathlib.Path(directory).expanduser()
-      if not _has_fashion_mnist_files(directory):
-        raise FileNotFoundError(f"{source}={str(directory)!r} lacks some IDX files. {message}")
-      return directory
-  directory = pathlib.Path(FASHION_MNIST_DEFAULT_DIR)
-  if _has_fashion_mnist_files(directory):
-    return directory
-  raise FileNotFoundError(message)
-
-
-@functools.cache
-def _fashion_mnist_builder_class() -> type:
-  """Defines the tfds builder lazily, so importing this module does not import tfds."""
-  import tensorflow_datasets as tfds
-
-  class FashionMnistLocal(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """Fashion-MNIST prepared from local IDX files (no download)."""
-
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Fashion-MNIST from the official IDX files, prepared offline."}
-    MANUAL_DOWNLOAD_INSTRUCTIONS = (
-      "Install the Debian package with `sudo apt-get install -y dataset-fashion-mnist` (files in "
-      f"{FASHION_MNIST_DEFAULT_DIR}), or put the four official files "
-      f"({', '.join(FASHION_MNIST_FILES.values())}) into a directory and pass it as manual_dir "
-      f"(or set ${FASHION_MNIST_ENV_VAR})."
-    )
-
-    def _info(self):
-      return self.dataset_info_from_configs(
-        description="Fashion-MNIST (Xiao et al., 2017): 28x28 grayscale images of 10 classes.",
-        features=tfds.features.FeaturesDict(
-          {
-            # Raw uint8 bytes rather than a PNG-encoded tfds.features.Image: lossless as well,
-            # and preparing 70000 examples takes seconds instead of about a minute.
-            "image": tfds.features.Tensor(shape=(28, 28, 1), dtype=np.uint8),
-            "label": tfds.features.ClassLabel(names=list(FASHION_MNIST_CLASSES)),
-          }
-        ),
-        supervised_keys=("image", "label"),
-        homepage="https://github.com/zalandoresearch/fashion-mnist",
-        disable_shuffling=True,  # keep the official order of the IDX files
-      )
-
-    def _split_generators(self, dl_manager):
-      directory = pathlib.Path(dl_manager.manual_dir)
-      return {
-        "train": self._generate_examples(
-          directory / FASHION_MNIST_FILES["train_images"],
-          directory / FASHION_MNIST_FILES["train_labels"],
-        ),
-        "test": self._generate_examples(
-          directory / FASHION_MNIST_FILES["test_images"],
-          directory / FASHION_MNIST_FILES["test_labels"],
-        ),
-      }
-
-    def _generate_examples(self, images_path, labels_path):
-      images, labels = read_idx(images_path), read_idx(labels_path)
-      if images.ndim != 3 or images.shape[1:] != (28, 28) or labels.shape != images.shape[:1]:
-        raise ValueError(
-          f"Fashion-MNIST files {images_path}, {labels_path}: expected images (N, 28, 28) and "
-          f"labels (N,), got {images.shape} and {labels.shape}"
-        )
-      for i, (image, label) in enumerate(zip(images, labels)):
-        yield i, {"image": image[:, :, None], "label": int(label)}
-
-  return FashionMnistLocal
-
-
-def fashion_mnist_builder(data_dir: str | os.PathLike | None = None):
-  """The tfds builder ``fashion_mnist_local`` (not registered in tfds' global registry).
-
-  Args:
-    data_dir: tfds data directory (``None``: ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``).
-
-  Returns:
-    A ``tfds.core.GeneratorBasedBuilder``; prepare it with
-    ``builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=...))``
-    where ``manual_dir`` holds the four IDX ``.gz`` files.
-  """
-  return _fashion_mnist_builder_class()(data_dir=None if data_dir is None else os.fspath(data_dir))
-
-
-# ----------------------------------------------------------------------------------------------
 # Loading.
-
-
-def _hide_gpus_from_tensorflow() -> None:
-  """Keeps TensorFlow (used only to read the data) off the accelerators JAX uses."""
-  try:
-    import tensorflow as tf
-
-    tf.config.set_visible_devices([], "GPU")
-  except (ImportError, RuntimeError):  # pragma: no cover - TF absent or already initialised
-    pass
-
-
-def _read_tfds(name: str, data_dir, manual_dir) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-  """Prepares (if needed) and reads the train and test splits of ``name`` through tfds."""
-  import tensorflow_datasets as tfds
-
-  _hide_gpus_from_tensorflow()
-  if name == "cifar10":
-    builder = tfds.builder("cifar10", data_dir=None if data_dir is None else os.fspath(data_dir))
-  else:
-    builder = fashion_mnist_builder(data_dir)
-  if not builder.is_prepared():
-    if name == "fashion_mnist":  # only needed the first time
-      manual_dir = find_fashion_mnist_dir(manual_dir)
-    download_config = tfds.download.DownloadConfig(
-      manual_dir=None if manual_dir is None else os.fspath(manual_dir)
-    )
-    builder.download_and_prepare(download_config=download_config)
-  splits = {}
-  for split in ("train", "test"):
-    # Large batches rather than batch_size=-1 (one batch of the whole split), which relies on
-    # the split size recorded in the dataset info (absent under tfds.testing.mock_data).
-    # Shards read one after the other: the same order on every run and machine.
-    read_config = tfds.ReadConfig(interleave_cycle_length=1)
-    dataset = builder.as_dataset(
-      split=split, as_supervised=True, shuffle_files=False, read_config=read_config
-    )
-    batches = list(tfds.as_numpy(dataset.batch(_READ_BATCH)))
-    if not batches:
-      raise ValueError(f"name: the {split} split of tfds dataset {builder.name!r} is empty")
-    images = np.concatenate([b[0] for b in batches]).astype(np.uint8, copy=False)
-    labels = np.concatenate([b[1] for b in batches]).astype(np.int32, copy=False)
-    splits[split] = (images, labels)
-  return splits
 
 
 def _stratified_order(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -393,15 +186,15 @@ def load_dataset(
   crop_padding: int | None = None,
   flip: bool | None = None,
 ) -> Dataset:
-  """Loads a dataset through tfds into memory and carves train / validation / test splits.
+  """Reads a dataset into memory (:mod:`experiments.datasets`) and carves train / val / test.
 
   Args:
     name: ``"cifar10"`` or ``"fashion_mnist"``.
-    data_dir: tfds data directory (``None``: tfds' default, ``$TFDS_DATA_DIR`` or
-      ``~/tensorflow_datasets``). The dataset is prepared there the first time.
-    manual_dir: Fashion-MNIST only: directory holding the four IDX ``.gz`` files (default:
-      ``$ATTNCONV_FASHION_MNIST_DIR``, then ``/usr/share/datasets/fashion-mnist``). Only read
-      when the dataset is not yet prepared in ``data_dir``.
+    data_dir: CIFAR-10 only: directory of the official tarball ``cifar-10-python.tar.gz``
+      (``None``: ``$ATTNCONV_DATA_DIR``, else ``~/.cache/attnconv``); downloaded there the first
+      time when it is missing.
+    manual_dir: Fashion-MNIST only: directory holding the four IDX files, gzipped or not
+      (``None``: ``$ATTNCONV_FASHION_MNIST_DIR``, then ``/usr/share/datasets/fashion-mnist``).
     val_size: number of validation examples, a deterministic (given ``seed``), class-stratified
       random subset of the official train split; the rest is the train pool. 0 allowed.
     train_size: if given, keep only this many examples of the train pool: the first
@@ -417,8 +210,9 @@ def load_dataset(
 
   Raises:
     ValueError: on an unknown ``name`` or out-of-range ``val_size``, ``train_size``, ``seed`` or
-      ``crop_padding``.
-    FileNotFoundError: if Fashion-MNIST is not prepared and its IDX files are not found.
+      ``crop_padding``, or a malformed data file (wrong md5, IDX header or shape).
+    FileNotFoundError: if the Fashion-MNIST IDX files are not found, or the CIFAR-10 tarball is
+      missing and cannot be downloaded.
   """
   if name not in DATASET_NAMES:
     raise ValueError(f"name: expected one of {DATASET_NAMES}, got {name!r}")
@@ -432,7 +226,7 @@ def load_dataset(
   if not isinstance(crop_padding, int | np.integer) or crop_padding < 0:
     raise ValueError(f"crop_padding: expected a non-negative integer or None, got {crop_padding!r}")
 
-  splits = _read_tfds(name, data_dir, manual_dir)
+  splits = datasets.load(name, data_dir=data_dir, manual_dir=manual_dir)
   train_images, train_labels = splits["train"]
   test_images, test_labels = splits["test"]
   num_official = train_images.shape[0]

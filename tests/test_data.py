@@ -1,82 +1,50 @@
-"""Tests of experiments.input_pipeline: tfds loading (mocked CIFAR-10, tiny IDX Fashion-MNIST),
-splits, deterministic batching, augmentation and normalisation. Nothing here touches the
-network."""
+"""Tests of experiments.input_pipeline: loading (a mock CIFAR-10 tarball, tiny IDX
+Fashion-MNIST), splits, deterministic batching, augmentation and normalisation. Nothing here
+touches the network. The readers themselves are tested in tests/test_datasets.py."""
 
-import gzip
 import os
 import pathlib
-import struct
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 from hypothesis import given
 from hypothesis import strategies as st
 
-from experiments import input_pipeline
-
-NUM_TRAIN, NUM_TEST = 30, 10
-
+from experiments import datasets, input_pipeline
+from tests.test_datasets import (
+  NUM_TRAIN,
+  fake_fashion_mnist,
+  no_network,  # noqa: F401 (fixture)
+  no_system_fashion_mnist,  # noqa: F401 (fixture)
+  write_cifar10_tarball,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Fixtures.
 
 
-def _write_idx(path: pathlib.Path, array: np.ndarray) -> None:
-  """Writes a gzipped unsigned-byte IDX file (the Fashion-MNIST / MNIST format)."""
-  header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-  with gzip.open(path, "wb") as f:
-    f.write(header + np.ascontiguousarray(array, np.uint8).tobytes())
-
-
-def _fake_fashion_mnist(directory: pathlib.Path) -> dict[str, np.ndarray]:
-  """Writes 30 train / 10 test random 28x28 images whose pixel (0, 0) is their index."""
-  rng = np.random.default_rng(1234)
-  arrays = {
-    "train_images": rng.integers(0, 256, (NUM_TRAIN, 28, 28), dtype=np.uint8),
-    "train_labels": (np.arange(NUM_TRAIN) % 10).astype(np.uint8),
-    "test_images": rng.integers(0, 256, (NUM_TEST, 28, 28), dtype=np.uint8),
-    "test_labels": rng.integers(0, 10, NUM_TEST, dtype=np.uint8),
-  }
-  arrays["train_images"][:, 0, 0] = np.arange(NUM_TRAIN)
-  arrays["test_images"][:, 0, 0] = np.arange(NUM_TEST)
-  directory.mkdir(parents=True, exist_ok=True)
-  for key, filename in input_pipeline.FASHION_MNIST_FILES.items():
-    _write_idx(directory / filename, arrays[key])
-  return arrays
-
-
-@pytest.fixture
-def no_system_fashion_mnist(monkeypatch, tmp_path):
-  """Hides $ATTNCONV_FASHION_MNIST_DIR and the Debian package's directory."""
-  monkeypatch.delenv(input_pipeline.FASHION_MNIST_ENV_VAR, raising=False)
-  monkeypatch.setattr(input_pipeline, "FASHION_MNIST_DEFAULT_DIR", str(tmp_path / "no-such-dir"))
-
-
 @pytest.fixture(scope="module")
 def fashion(tmp_path_factory):
-  """The fake IDX files, and a tfds data_dir where they were prepared once."""
-  root = tmp_path_factory.mktemp("fashion")
-  arrays = _fake_fashion_mnist(root / "idx")
-  data_dir = root / "tfds"
-  full = input_pipeline.load_dataset(
-    "fashion_mnist", data_dir=os.fspath(data_dir), manual_dir=root / "idx", val_size=0
-  )
-  return arrays, root / "idx", data_dir, full
+  """The fake IDX files and the full dataset loaded from them."""
+  manual_dir = tmp_path_factory.mktemp("fashion") / "idx"
+  arrays = fake_fashion_mnist(manual_dir)
+  full = input_pipeline.load_dataset("fashion_mnist", manual_dir=manual_dir, val_size=0)
+  return arrays, manual_dir, full
 
 
 def _load_fashion(fashion, **kwargs) -> input_pipeline.Dataset:
-  _, manual_dir, data_dir, _ = fashion
-  return input_pipeline.load_dataset(
-    "fashion_mnist", data_dir=data_dir, manual_dir=manual_dir, **kwargs
-  )
+  return input_pipeline.load_dataset("fashion_mnist", manual_dir=fashion[1], **kwargs)
 
 
-def _load_cifar_mock(tmp_path, **kwargs) -> input_pipeline.Dataset:
-  with tfds.testing.mock_data(num_examples=60):
-    return input_pipeline.load_dataset("cifar10", data_dir=os.fspath(tmp_path / "tfds"), **kwargs)
+@pytest.fixture
+def cifar_dir(tmp_path, monkeypatch, no_network):  # noqa: F811
+  """A data_dir holding a mock CIFAR-10 tarball (60 train, 20 test images), md5 accepted."""
+  data_dir = tmp_path / "data"
+  _, md5 = write_cifar10_tarball(data_dir / datasets.CIFAR10_FILENAME)
+  monkeypatch.setattr(datasets, "CIFAR10_MD5", md5)
+  return data_dir
 
 
 def _synthetic(num_train: int, shape=(4, 4, 1)) -> input_pipeline.Dataset:
@@ -92,17 +60,17 @@ def _synthetic(num_train: int, shape=(4, 4, 1)) -> input_pipeline.Dataset:
 
 
 # ---------------------------------------------------------------------------------------------
-# CIFAR-10 through tfds (mocked).
+# CIFAR-10 (mock tarball).
 
 
-def test_cifar10_mock_shapes_and_paper_constants(tmp_path):
-  ds = _load_cifar_mock(tmp_path, val_size=12)
+def test_cifar10_mock_shapes_and_paper_constants(cifar_dir):
+  ds = input_pipeline.load_dataset("cifar10", data_dir=cifar_dir, val_size=12)
   assert ds.name == "cifar10"
   assert ds.train_images.shape == (48, 32, 32, 3) and ds.train_images.dtype == np.uint8
   assert ds.val_images.shape == (12, 32, 32, 3) and ds.val_images.dtype == np.uint8
-  assert ds.test_images.shape == (60, 32, 32, 3)
+  assert ds.test_images.shape == (20, 32, 32, 3)
   assert ds.image_shape == (32, 32, 3) and ds.num_train == 48
-  for labels, n in ((ds.train_labels, 48), (ds.val_labels, 12), (ds.test_labels, 60)):
+  for labels, n in ((ds.train_labels, 48), (ds.val_labels, 12), (ds.test_labels, 20)):
     assert labels.shape == (n,) and labels.dtype == np.int32
     assert labels.min() >= 0 and labels.max() < 10
   assert ds.num_classes == 10
@@ -112,8 +80,11 @@ def test_cifar10_mock_shapes_and_paper_constants(tmp_path):
   assert not ds.train_images.flags.writeable
 
 
-def test_cifar10_mock_splits_disjoint_deterministic_nested(tmp_path):
-  full = _load_cifar_mock(tmp_path, val_size=0)
+def test_cifar10_mock_splits_disjoint_deterministic_nested(cifar_dir):
+  def _load_cifar_mock(**kwargs):
+    return input_pipeline.load_dataset("cifar10", data_dir=cifar_dir, **kwargs)
+
+  full = _load_cifar_mock(val_size=0)
   assert full.val_images.shape[0] == 0 and full.num_train == 60
   official = {im.tobytes(): i for i, im in enumerate(full.train_images)}
   assert len(official) == 60  # random mock images are distinct
@@ -121,9 +92,9 @@ def test_cifar10_mock_splits_disjoint_deterministic_nested(tmp_path):
   def indices(images):
     return [official[im.tobytes()] for im in images]
 
-  a = _load_cifar_mock(tmp_path, val_size=15, seed=3)
-  b = _load_cifar_mock(tmp_path, val_size=15, seed=3)
-  c = _load_cifar_mock(tmp_path, val_size=15, seed=4)
+  a = _load_cifar_mock(val_size=15, seed=3)
+  b = _load_cifar_mock(val_size=15, seed=3)
+  c = _load_cifar_mock(val_size=15, seed=4)
   val, train = indices(a.val_images), indices(a.train_images)
   assert not set(val) & set(train) and sorted(val + train) == list(range(60))
   np.testing.assert_array_equal(a.val_images, b.val_images)
@@ -131,33 +102,19 @@ def test_cifar10_mock_splits_disjoint_deterministic_nested(tmp_path):
   np.testing.assert_array_equal(a.val_labels, full.train_labels[val])
   assert set(indices(c.val_images)) != set(val)
 
-  small = _load_cifar_mock(tmp_path, val_size=15, seed=3, train_size=10)
-  large = _load_cifar_mock(tmp_path, val_size=15, seed=3, train_size=25)
+  small = _load_cifar_mock(val_size=15, seed=3, train_size=10)
+  large = _load_cifar_mock(val_size=15, seed=3, train_size=25)
   np.testing.assert_array_equal(small.train_images, large.train_images[:10])
   np.testing.assert_array_equal(small.val_images, a.val_images)
   assert set(indices(large.train_images)) <= set(train)
 
 
 # ---------------------------------------------------------------------------------------------
-# Fashion-MNIST through the local tfds builder.
-
-
-def test_read_idx_roundtrip_and_errors(tmp_path):
-  array = np.arange(2 * 3 * 5, dtype=np.uint8).reshape(2, 3, 5)
-  _write_idx(tmp_path / "a.gz", array)
-  np.testing.assert_array_equal(input_pipeline.read_idx(tmp_path / "a.gz"), array)
-  (tmp_path / "raw").write_bytes(gzip.decompress((tmp_path / "a.gz").read_bytes()))
-  np.testing.assert_array_equal(input_pipeline.read_idx(tmp_path / "raw"), array)
-  (tmp_path / "bad").write_bytes(b"\x00\x00\x0d\x01\x00\x00\x00\x01\x00\x00\x00\x00")
-  with pytest.raises(ValueError, match="unsigned-byte IDX"):
-    input_pipeline.read_idx(tmp_path / "bad")
-  (tmp_path / "short").write_bytes((tmp_path / "raw").read_bytes()[:-1])
-  with pytest.raises(ValueError, match="expected 46"):
-    input_pipeline.read_idx(tmp_path / "short")
+# Fashion-MNIST (tiny IDX files).
 
 
 def test_fashion_mnist_roundtrip_exact(fashion):
-  arrays, _, _, full = fashion
+  arrays, _, full = fashion
   np.testing.assert_array_equal(full.train_images, arrays["train_images"][..., None])
   np.testing.assert_array_equal(full.train_labels, arrays["train_labels"])
   np.testing.assert_array_equal(full.test_images, arrays["test_images"][..., None])
@@ -167,11 +124,9 @@ def test_fashion_mnist_roundtrip_exact(fashion):
   assert full.mean == input_pipeline.FASHION_MNIST_MEAN == (0.2860,)
   assert full.std == input_pipeline.FASHION_MNIST_STD == (0.3530,)
   assert full.crop_padding == 2 and full.flip is True
-  builder = input_pipeline.fashion_mnist_builder(fashion[2])
-  assert builder.name == "fashion_mnist_local" and str(builder.version) == "1.0.0"
-  assert builder.is_prepared() and (fashion[2] / "fashion_mnist_local" / "1.0.0").is_dir()
-  assert builder.info.features["image"].shape == (28, 28, 1)
-  assert builder.info.splits["train"].num_examples == NUM_TRAIN
+  assert full.num_train == NUM_TRAIN
+  assert input_pipeline.read_idx is datasets.read_idx
+  assert input_pipeline.FASHION_MNIST_FILES is datasets.FASHION_MNIST_FILES
 
 
 def test_fashion_mnist_splits_stratified_and_nested(fashion):
@@ -187,47 +142,51 @@ def test_fashion_mnist_splits_stratified_and_nested(fashion):
   assert set(sub.train_images[:, 0, 0, 0]) <= set(train_ids)
 
 
-def test_fashion_mnist_overrides_and_reuse_without_source(fashion, no_system_fashion_mnist):
-  _, _, data_dir, full = fashion
-  # Already prepared in data_dir: no source needed any more.
+def test_fashion_mnist_overrides_and_data_dir_unused(fashion, tmp_path):
+  _, manual_dir, full = fashion
   ds = input_pipeline.load_dataset(
-    "fashion_mnist", data_dir=data_dir, val_size=0, crop_padding=0, flip=False
+    "fashion_mnist",
+    data_dir=tmp_path / "unused",
+    manual_dir=manual_dir,
+    val_size=0,
+    crop_padding=0,
+    flip=False,
   )
   np.testing.assert_array_equal(ds.train_images, full.train_images)
   assert ds.crop_padding == 0 and ds.flip is False
+  assert not (tmp_path / "unused").exists()  # Fashion-MNIST is read in place, never copied
 
 
-def test_fashion_mnist_env_var(fashion, monkeypatch, tmp_path):
-  arrays, manual_dir, _, _ = fashion
+def test_fashion_mnist_env_var(fashion, monkeypatch):
+  arrays, manual_dir, _ = fashion
   monkeypatch.setenv(input_pipeline.FASHION_MNIST_ENV_VAR, os.fspath(manual_dir))
   assert input_pipeline.find_fashion_mnist_dir() == manual_dir
-  ds = input_pipeline.load_dataset("fashion_mnist", data_dir=tmp_path / "tfds", val_size=5)
+  ds = input_pipeline.load_dataset("fashion_mnist", val_size=5)
   np.testing.assert_array_equal(ds.test_images[..., 0], arrays["test_images"])
 
 
-def test_fashion_mnist_missing_source_message(tmp_path, no_system_fashion_mnist):
+def test_fashion_mnist_missing_source_message(tmp_path, no_system_fashion_mnist):  # noqa: F811
   with pytest.raises(FileNotFoundError, match="apt-get install -y dataset-fashion-mnist") as info:
-    input_pipeline.load_dataset("fashion_mnist", data_dir=tmp_path / "tfds")
+    input_pipeline.load_dataset("fashion_mnist")
   assert input_pipeline.FASHION_MNIST_ENV_VAR in str(info.value) and "manual_dir" in str(info.value)
   (tmp_path / "empty").mkdir()
   with pytest.raises(FileNotFoundError, match="manual_dir=.*dataset-fashion-mnist"):
-    input_pipeline.load_dataset(
-      "fashion_mnist", data_dir=tmp_path / "tfds", manual_dir=tmp_path / "empty"
-    )
+    input_pipeline.load_dataset("fashion_mnist", manual_dir=tmp_path / "empty")
+
+
+def test_cifar10_missing_offline_message(tmp_path, no_network):  # noqa: F811
+  with pytest.raises(FileNotFoundError, match="cifar-10-python.tar.gz.*downloading it failed"):
+    input_pipeline.load_dataset("cifar10", data_dir=tmp_path / "empty")
+  assert len(no_network) == 1
 
 
 @pytest.mark.skipif(
-  not input_pipeline._has_fashion_mnist_files(
-    pathlib.Path(input_pipeline.FASHION_MNIST_DEFAULT_DIR)
-  ),
+  not datasets._has_fashion_mnist_files(pathlib.Path(datasets.FASHION_MNIST_DEFAULT_DIR)),
   reason="Debian package dataset-fashion-mnist not installed",
 )
-def test_real_fashion_mnist(request, monkeypatch, tmp_path_factory):
+def test_real_fashion_mnist(monkeypatch):
   monkeypatch.delenv(input_pipeline.FASHION_MNIST_ENV_VAR, raising=False)
-  # Prepared once into pytest's cache directory (a few tens of seconds), reused afterwards.
-  cache = getattr(request.config, "cache", None)
-  data_dir = cache.mkdir("attnconv_tfds") if cache else tmp_path_factory.mktemp("tfds")
-  ds = input_pipeline.load_dataset("fashion_mnist", data_dir=data_dir, val_size=6000, seed=0)
+  ds = input_pipeline.load_dataset("fashion_mnist", val_size=6000, seed=0)
   assert ds.num_train == 54000 and ds.val_images.shape == (6000, 28, 28, 1)
   assert ds.test_images.shape == (10000, 28, 28, 1)
   np.testing.assert_array_equal(np.bincount(ds.val_labels), np.full(10, 600))
