@@ -209,7 +209,7 @@ def load_fashion_mnist(manual_dir: str | os.PathLike | None = None) -> Splits:
         f"manual_dir: {labels_path}: expected labels in [0, {_NUM_CLASSES}), got a label "
         f"{int(labels.max())}"
       )
-    splits[split] = (images[..., None], labels.astype(np.int32))
+    splits[split] = (images[..., None].copy(), labels.astype(np.int32))
   return splits
 
 
@@ -346,7 +346,7 @@ def _read_cifar10_batch(tar: tarfile.TarFile, member: str, path: pathlib.Path):
       f"data_dir: {path}: {member}: expected labels in [0, {_NUM_CLASSES}), got "
       f"[{int(labels.min())}, {int(labels.max())}]"
     )
-  images = data.reshape((-1, *_CIFAR10_SHAPE)).transpose(0, 2, 3, 1)
+  images = np.ascontiguousarray(data.reshape((-1, *_CIFAR10_SHAPE)).transpose(0, 2, 3, 1))
   return images, labels.astype(np.int32)
 
 
@@ -373,7 +373,7 @@ def load_cifar10(data_dir: str | os.PathLike | None = None, *, download: bool = 
     test = _read_cifar10_batch(tar, CIFAR10_TEST_BATCH, path)
   return {
     "train": (np.concatenate([b[0] for b in train]), np.concatenate([b[1] for b in train])),
-    "test": (np.ascontiguousarray(test[0]), test[1]),
+    "test": test,
   }
 
 
