@@ -30,7 +30,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
-  if not FLAGS["verbosity"].present:  # quiet orbax / tfds INFO lines unless -v is given
+  if not FLAGS["verbosity"].present:  # quiet orbax INFO lines unless -v is given
     absl_logging.set_verbosity(absl_logging.WARNING)
   import json
 

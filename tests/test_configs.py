@@ -161,10 +161,10 @@ def test_paper_configs_build_the_pinned_models(arg):
 def fashion_mnist_dir():
   from experiments import input_pipeline
 
-  directory = input_pipeline.find_fashion_mnist_dir(None)
-  if directory is None:
+  try:
+    return input_pipeline.find_fashion_mnist_dir(None)
+  except FileNotFoundError:
     pytest.skip("Fashion-MNIST IDX files not installed")
-  return directory
 
 
 def test_paper_smoke_run_trains_end_to_end(tmp_path, fashion_mnist_dir):
@@ -176,7 +176,7 @@ def test_paper_smoke_run_trains_end_to_end(tmp_path, fashion_mnist_dir):
     "experiments.main",
     "--config=experiments/configs/paper.py:quadratic,fashion_mnist,smoke",
     f"--workdir={workdir}",
-    f"--config.dataset.data_dir={tmp_path / 'tfds'}",
+    f"--config.dataset.data_dir={tmp_path / 'data'}",
     "--config.progress_bar=False",
     "--config.plot=False",
   ]

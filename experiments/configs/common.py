@@ -7,7 +7,7 @@ what differs.
 Fields:
   dataset.name: ``"cifar10"`` or ``"fashion_mnist"`` (see
     :func:`experiments.input_pipeline.load_dataset`).
-  dataset.data_dir, dataset.manual_dir: tfds data directory / Fashion-MNIST IDX directory
+  dataset.data_dir, dataset.manual_dir: CIFAR-10 tarball directory / Fashion-MNIST IDX directory
     (empty string: the input pipeline's default).
   dataset.val_size: validation examples carved from the official train split (model selection).
   dataset.train_size: keep this many training examples (-1: all).

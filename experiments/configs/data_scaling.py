@@ -5,7 +5,7 @@ Command (the whole grid; resumable -- rerun the same command after a kill)::
   python -m experiments.data_scaling --config=experiments/configs/data_scaling.py \
     --workdir=runs/data_scaling
 
-CIFAR-10 (online users; tfds downloads it)::
+CIFAR-10 (online users; downloaded into ``$ATTNCONV_DATA_DIR`` or ``~/.cache/attnconv`` once)::
 
   python -m experiments.data_scaling --config=experiments/configs/data_scaling.py:cifar10 \
     --workdir=runs/data_scaling_cifar10

@@ -7,8 +7,9 @@
   Gaussian heads), ``learned`` (learned relative encoding, position only), ``learned_content``
   (learned relative encoding plus content, q.k and q.r), ``many_heads`` (``quadratic`` with 16
   heads, the paper's appendix) and ``resnet18`` (the convolutional baseline);
-* datasets: ``cifar10`` (as the paper; tfds downloads it on first use where the machine is
-  online) and ``fashion_mnist`` (28x28x1, offline from Debian's ``dataset-fashion-mnist``);
+* datasets: ``cifar10`` (as the paper; the official python tarball, downloaded on first use where
+  the machine is online) and ``fashion_mnist`` (28x28x1, offline from Debian's
+  ``dataset-fashion-mnist``);
 * ``smoke``: a 20-step run of a tiny model on 1000 training images (a 1-layer, 32-wide attention
   network; a ResNet18 of width 8).
 
