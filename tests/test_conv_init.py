@@ -15,7 +15,7 @@ import pytest
 from attnconv import construction
 from attnconv.layers import MultiHeadRelativeAttention
 from attnconv.models import build_model
-from attnconv.models.conv_init import init_attention_as_convolution
+from attnconv.models.conv_init import init_attention_as_convolution, low_rank_factors
 
 
 def _fixed(kernel):
@@ -144,3 +144,69 @@ def test_errors():
   for bad in (True, "1", None):
     with pytest.raises(TypeError, match="alpha"):
       init_attention_as_convolution(params, jax.random.key(0), alpha=bad)
+
+
+@pytest.mark.parametrize(("c_in", "c_out", "rank"), [(4, 5, 2), (4, 5, 4), (3, 5, 6)])
+def test_low_rank_factors_are_the_truncated_svd(c_in, c_out, rank):
+  """W_val W_out is the best rank-r approximation: its error is the tail of the singular values
+  (Eckart-Young), exact from r >= min(C_in, C_out) on (zero-padded factors beyond it)."""
+  m = jax.random.normal(jax.random.key(0), (9, c_in, c_out))
+  w_val, w_out = low_rank_factors(m, rank)
+  assert w_val.shape == (9, c_in, rank) and w_out.shape == (9, rank, c_out)
+  approx = np.einsum("hir,hro->hio", np.asarray(w_val, np.float64), np.asarray(w_out, np.float64))
+  s = np.linalg.svd(np.asarray(m, np.float64), compute_uv=False)
+  tail = np.sqrt((s[:, rank:] ** 2).sum(-1))
+  err = np.linalg.norm(approx - np.asarray(m, np.float64), axis=(1, 2))
+  tol = 50 * np.finfo(np.float32).eps * s[:, 0]
+  np.testing.assert_allclose(err, tail, atol=float(tol.max()))
+  for bad in (0, -1, True, 2.0):
+    with pytest.raises(ValueError, match="rank"):
+      low_rank_factors(m, bad)
+
+
+def test_value_projected_layer_starts_as_its_low_rank_convolution():
+  """A quadratic layer with a value projection (D_v = 2 < C_in = 4) becomes, at alpha = 30 and
+  away from the border, the SAME convolution whose slices are W_val^(h) W_out^(h) (rank 2), the
+  truncated SVD of the fresh kernel's slices; tolerance as the full-rank test above."""
+  c_in, c_out, alpha = 4, 5, 30.0
+  kernel = jax.random.normal(jax.random.key(0), (3, 3, c_in, c_out))
+  layer = MultiHeadRelativeAttention(
+    num_heads=9, encoding="quadratic", value_features=2, out_features=c_out
+  )
+  x = jax.random.normal(jax.random.key(2), (2, 7, 6, c_in))
+  params = flax.core.unfreeze(layer.init(jax.random.key(3), x)["params"])
+  new = init_attention_as_convolution(
+    params, jax.random.key(4), alpha=alpha, kernel_init=_fixed(kernel)
+  )
+  assert jax.tree.map(jnp.shape, new) == jax.tree.map(jnp.shape, params)
+  np.testing.assert_array_equal(new["value"]["bias"], 0.0)
+  w_val, w_out = low_rank_factors(kernel.reshape(9, c_in, c_out), 2)
+  np.testing.assert_allclose(new["out"]["kernel"], w_out, rtol=1e-6)
+  low_rank = jnp.einsum("hir,hro->hio", w_val, w_out).reshape(3, 3, c_in, c_out)
+  out = layer.apply({"params": new}, x)
+  ref = nn.Conv(c_out, (3, 3), padding="SAME").apply(
+    {"params": {"kernel": low_rank, "bias": new["out"]["bias"]}}, x
+  )
+  scale = (
+    jax.lax.conv_general_dilated(
+      jnp.abs(x), jnp.abs(low_rank), (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    + jnp.abs(new["out"]["bias"])[None, None, None]
+  )
+  tol = (4 * 9 * c_in * np.finfo(np.float32).eps + 8 * math.exp(-alpha)) * scale
+  inner = (slice(None), slice(1, -1), slice(1, -1))
+  assert np.all(np.abs(out - ref)[inner] <= tol[inner])
+
+
+def test_shared_backbone_quadratic_vit_converts():
+  """The shared backbone with Eq. 9 attention: every block's centres land on the 3x3 shifts."""
+  model = build_model("vit", num_classes=10, num_heads=9, hidden_size=18, encoding="quadratic")
+  x = jnp.zeros((1, 28, 28, 1))
+  params = model.init(jax.random.key(0), x)["params"]
+  new = init_attention_as_convolution(params, jax.random.key(1), alpha=4.0)
+  shifts = construction.conv_head_offsets((3, 3))
+  for i in range(4):
+    np.testing.assert_array_equal(new[f"block_{i}"]["attention"]["centers"], shifts)
+    assert new[f"block_{i}"]["attention"]["value"]["kernel"].shape == (18, 9, 2)
+  chex.assert_trees_all_equal(new["classifier"], params["classifier"])
+  assert np.isfinite(model.apply({"params": new}, x)).all()

@@ -9,6 +9,13 @@ sharpness and the per-head output matrices (the kernel slices) into the layer. T
 move the centres and change ``alpha`` -- the convolution is where the network starts, not a
 constraint (the initialisation ConViT uses with Eq. 9).
 
+A layer with a value projection (``value`` kernel ``(C_in, H, D_v)``, ``out`` kernel
+``(H, D_v, C_out)``, as in the shared backbone :class:`attnconv.models.vit.ViT`) expresses, per
+head, the matrices ``W_val^(h) W_out^(h)`` of rank at most ``D_v``: it starts as the convolution
+whose kernel slices are the best rank-``D_v`` approximations (truncated SVD, Eckart-Young) of the
+fresh kernel's slices, ``W_val^(h) = U sqrt(S)``, ``W_out^(h) = sqrt(S) V^T``, value bias 0;
+exactly the fresh convolution where ``D_v >= min(C_in, C_out)``.
+
 The attention layers of :class:`AttentionNet` attend over the token grid without padding: at the
 border the softmax renormalises over the keys that exist, where a 'SAME' convolution would see
 zeros. Away from the border the layer equals ``conv_to_attention``'s up to the finite-alpha
@@ -56,6 +63,31 @@ def _is_quadratic_layer(tree: Any) -> bool:
   )
 
 
+def low_rank_factors(matrices: jax.Array, rank: int) -> tuple[jax.Array, jax.Array]:
+  """Per-head factors of the best rank-``rank`` approximation of ``(H, C_in, C_out)`` matrices.
+
+  Returns ``(W_val (H, C_in, rank), W_out (H, rank, C_out))`` with ``W_val @ W_out`` the truncated
+  SVD ``U_r S_r V_r^T`` of each matrix (the nearest rank-``rank`` matrix in Frobenius and spectral
+  norm; exact when ``rank >= min(C_in, C_out)``, with zero columns beyond the matrix rank), the
+  singular values split evenly ``U sqrt(S)``, ``sqrt(S) V^T``. Computed in float32.
+  """
+  if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+    raise ValueError(f"rank: expected a positive integer, got {rank!r}")
+  m = jnp.asarray(matrices, jnp.float32)
+  if m.ndim != 3:
+    raise ValueError(f"matrices: expected shape (H, C_in, C_out), got {m.shape}")
+  u, s, vt = jnp.linalg.svd(m, full_matrices=False)
+  r = min(rank, s.shape[-1])
+  root = jnp.sqrt(s[:, :r])
+  w_val = u[:, :, :r] * root[:, None, :]
+  w_out = root[:, :, None] * vt[:, :r, :]
+  pad = rank - r
+  if pad:
+    w_val = jnp.pad(w_val, ((0, 0), (0, 0), (0, pad)))
+    w_out = jnp.pad(w_out, ((0, 0), (0, pad), (0, 0)))
+  return w_val, w_out
+
+
 def init_attention_as_convolution(
   params: Any,
   rng: jax.Array,
@@ -68,8 +100,10 @@ def init_attention_as_convolution(
   Args:
     params: a parameter pytree (nested dicts; a ``FrozenDict`` is accepted). Each quadratic
       attention layer -- a dict with ``centers (H, 2)``, ``spreads (H,)`` (``alpha = s^2 / 2``) or
-      ``alpha (H,)``, and ``out`` with ``kernel (H, C_in, C_out)`` and optional ``bias`` -- is
-      rewritten; all other leaves are returned unchanged.
+      ``alpha (H,)``, and ``out`` with ``kernel (H, C_in, C_out)`` and optional ``bias`` (or a
+      ``value`` projection ``(C_in, H, D_v)`` and ``out`` ``(H, D_v, C_out)``: the nearest
+      convolution of per-head rank ``D_v``, see the module docstring) -- is rewritten; all other
+      leaves (a GPSA layer's content half and gate included) are returned unchanged.
     rng: key for the convolution kernels (one kernel per layer, folded in by layer order).
     alpha: finite sharpness > 0 of the softmax (Eq. 9 logits ``-alpha ||delta - Delta||^2``).
       Each head then puts ``1 / (1 + sum_{s != 0} e^{-alpha ||s||^2})`` of its mass on its shift.
@@ -99,7 +133,8 @@ def init_attention_as_convolution(
         f"(centers of shape (K*K, 2)), got centers of shape {tuple(centers.shape)}"
       )
     out = layer["out"]
-    _, c_in, c_out = out["kernel"].shape
+    c_out = out["kernel"].shape[-1]
+    c_in = layer["value"]["kernel"].shape[0] if "value" in layer else out["kernel"].shape[1]
     key = jax.random.fold_in(rng, counter[0])
     counter[0] += 1
     kernel = kernel_init(key, (k, k, c_in, c_out), out["kernel"].dtype)
@@ -114,7 +149,17 @@ def init_attention_as_convolution(
       a = layer["alpha"]
       new["alpha"] = jnp.full(a.shape, alpha, a.dtype)
     new["out"] = dict(out)
-    new["out"]["kernel"] = variables["params"]["out"]["kernel"].astype(out["kernel"].dtype)
+    matrices = variables["params"]["out"]["kernel"]  # (H, C_in, C_out)
+    if "value" in layer:
+      value = layer["value"]
+      rank = value["kernel"].shape[-1]
+      w_val, w_out = low_rank_factors(matrices, rank)
+      new["value"] = dict(value)
+      new["value"]["kernel"] = jnp.transpose(w_val, (1, 0, 2)).astype(value["kernel"].dtype)
+      if "bias" in value:
+        new["value"]["bias"] = jnp.zeros_like(value["bias"])
+      matrices = w_out
+    new["out"]["kernel"] = matrices.astype(out["kernel"].dtype)
     return new
 
   def walk(node: Any, path: str) -> Any:

@@ -53,9 +53,11 @@ from attnconv.layers import MultiHeadRelativeAttention
 
 Array = jax.Array
 
-__all__ = ["POOLS", "ViT", "ViTBlock"]
+__all__ = ["ENCODINGS", "NORMS", "POOLS", "ViT", "ViTBlock"]
 
 POOLS = ("mean", "cls")
+NORMS = ("pre", "post")
+ENCODINGS = ("content", "gpsa", "quadratic", "quadratic_content", "learned", "learned_content")
 
 
 def _check_positive(name: str, value: Any) -> None:
@@ -79,9 +81,14 @@ class ViTBlock(nn.Module):
     mlp_dim: hidden width of the MLP.
     dropout_rate: dropout after the attention and after the MLP.
     attention_dropout_rate: dropout on the attention probabilities.
-    encoding: ``"content"`` (ViT) or ``"gpsa"`` (ConViT's gated positional self-attention; needs
-      a token grid).
-    locality_strength: ConViT's local initialisation of the GPSA centres (``None``: random).
+    encoding: an encoding of :class:`attnconv.layers.MultiHeadRelativeAttention`: ``"content"``
+      (ViT), ``"gpsa"`` (ConViT's gated positional self-attention), ``"quadratic"`` (Eq. 9),
+      ``"learned_content"``, ... (every encoding but ``"content"`` needs a token grid).
+    norm: ``"pre"`` (ViT: LayerNorm before attention and MLP) or ``"post"`` (BERT and the
+      paper's network: LayerNorm after each residual sum).
+    locality_strength: ConViT's local initialisation of the quadratic-family centres (``None``:
+      random, ``N(0, center_init_std^2)``).
+    center_init_std: standard deviation of random centres (quadratic family).
     dtype: computation dtype (``None``: inferred).
     param_dtype: parameter dtype.
   """
@@ -92,7 +99,9 @@ class ViTBlock(nn.Module):
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
   encoding: str = "content"
+  norm: str = "pre"
   locality_strength: float | None = None
+  center_init_std: float = 2.0
   dtype: Any = None
   param_dtype: Any = jnp.float32
 
@@ -100,7 +109,12 @@ class ViTBlock(nn.Module):
   def __call__(self, x: Array, train: bool) -> Array:
     """``(B, *tokens, D) -> (B, *tokens, D)``."""
     d, h = self.hidden_size, self.num_heads
-    norm = lambda name: nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name=name)  # noqa: E731
+    layer_norm = lambda name: nn.LayerNorm(  # noqa: E731
+      dtype=self.dtype, param_dtype=self.param_dtype, name=name
+    )
+    pre = self.norm == "pre"
+    norm_in = lambda name, y: layer_norm(name)(y) if pre else y  # noqa: E731
+    norm_out = lambda name, y: y if pre else layer_norm(name)(y)  # noqa: E731
     dense = lambda features, name: nn.Dense(  # noqa: E731
       features,
       dtype=self.dtype,
@@ -112,6 +126,7 @@ class ViTBlock(nn.Module):
       num_heads=h,
       encoding=self.encoding,
       locality_strength=self.locality_strength,
+      center_init_std=self.center_init_std,
       qk_features=d // h,
       value_features=d // h,
       out_features=d,
@@ -120,11 +135,11 @@ class ViTBlock(nn.Module):
       dtype=self.dtype,
       param_dtype=self.param_dtype,
       name="attention",
-    )(norm("attention_norm")(x), deterministic=not train)
-    x = x + nn.Dropout(self.dropout_rate, deterministic=not train)(y)
-    y = dense(self.mlp_dim, "mlp_in")(norm("mlp_norm")(x))
+    )(norm_in("attention_norm", x), deterministic=not train)
+    x = norm_out("attention_norm", x + nn.Dropout(self.dropout_rate, deterministic=not train)(y))
+    y = dense(self.mlp_dim, "mlp_in")(norm_in("mlp_norm", x))
     y = dense(d, "mlp_out")(nn.gelu(y, approximate=False))
-    return x + nn.Dropout(self.dropout_rate, deterministic=not train)(y)
+    return norm_out("mlp_norm", x + nn.Dropout(self.dropout_rate, deterministic=not train)(y))
 
 
 class ViT(nn.Module):
@@ -138,11 +153,21 @@ class ViT(nn.Module):
     num_heads: attention heads ``H`` (must divide ``hidden_size``).
     mlp_dim: hidden width ``M`` of the MLPs.
     pool: ``"mean"`` (average of the output tokens) or ``"cls"`` (a learned class token).
+    encoding: the attention of every block after the first ``gpsa_layers``: ``"content"`` (the
+      plain ViT) or any other encoding of :class:`attnconv.layers.MultiHeadRelativeAttention`
+      (``"quadratic"``, ``"learned_content"``, ``"gpsa"``, ...: the shared backbone on which
+      the convolutional priors differ only in the attention; positional encodings need
+      ``pool="mean"``).
+    norm: ``"pre"`` (ViT) or ``"post"`` (the paper's network) LayerNorm placement; ``"post"``
+      drops the final LayerNorm.
+    pos_embedding: add the learned absolute position embedding (ViT, ConViT).
     gpsa_layers: the first this many blocks use GPSA on the token grid (ConViT, d'Ascoli et al.
       2021); with ``pool="cls"`` the class token joins after them, as in ConViT, and the
-      position embedding covers the patch tokens only. 0: the plain ViT.
+      position embedding covers the patch tokens only. 0: every block uses ``encoding``.
     locality_strength: ConViT's local initialisation of the GPSA blocks (``None``: random
       centres).
+    center_init_std: standard deviation of random centres (``encoding="quadratic"``, or GPSA
+      without local initialisation; the paper: 2 tokens).
     dropout_rate: dropout on the embeddings and after each attention and MLP.
     attention_dropout_rate: dropout on the attention probabilities.
     dtype: computation dtype (e.g. ``jnp.bfloat16``); logits are returned in float32.
@@ -158,8 +183,12 @@ class ViT(nn.Module):
   pool: str = "mean"
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
+  encoding: str = "content"
+  norm: str = "pre"
+  pos_embedding: bool = True
   gpsa_layers: int = 0
   locality_strength: float | None = 1.0
+  center_init_std: float = 2.0
   dtype: Any = None
   param_dtype: Any = jnp.float32
 
@@ -174,6 +203,15 @@ class ViT(nn.Module):
       )
     if self.pool not in POOLS:
       raise ValueError(f"pool: expected one of {POOLS}, got {self.pool!r}")
+    if self.norm not in NORMS:
+      raise ValueError(f"norm: expected one of {NORMS}, got {self.norm!r}")
+    if self.encoding not in ENCODINGS:
+      raise ValueError(f"encoding: expected one of {ENCODINGS}, got {self.encoding!r}")
+    if self.encoding != "content" and self.pool == "cls":
+      raise ValueError(
+        f"pool: expected 'mean' with the positional encoding {self.encoding!r} (a class token "
+        f"has no grid position), got 'cls'"
+      )
     if not hasattr(images, "ndim"):
       raise TypeError(f"images: expected an array, got {type(images).__name__}")
     if images.ndim != 4:
@@ -211,10 +249,11 @@ class ViT(nn.Module):
       token = self.param("cls_token", nn.initializers.normal(0.02), (d,), self.param_dtype)
       token = jnp.broadcast_to(token.astype(x.dtype)[None, None], (b, 1, d))
       x = jnp.concatenate([token, x.reshape(b, gh * gw, d)], axis=1)
-    pos = self.param(
-      "pos_embedding", nn.initializers.normal(0.02), x.shape[1:], self.param_dtype
-    ).astype(x.dtype)
-    x = x + pos[None]
+    if self.pos_embedding:
+      pos = self.param(
+        "pos_embedding", nn.initializers.normal(0.02), x.shape[1:], self.param_dtype
+      ).astype(x.dtype)
+      x = x + pos[None]
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     for i in range(self.num_layers):
       gpsa = i < self.gpsa_layers
@@ -228,13 +267,16 @@ class ViT(nn.Module):
         mlp_dim=self.mlp_dim,
         dropout_rate=self.dropout_rate,
         attention_dropout_rate=self.attention_dropout_rate,
-        encoding="gpsa" if gpsa else "content",
-        locality_strength=self.locality_strength if gpsa else None,
+        encoding="gpsa" if gpsa else self.encoding,
+        norm=self.norm,
+        locality_strength=self.locality_strength if gpsa or self.encoding == "gpsa" else None,
+        center_init_std=self.center_init_std,
         dtype=self.dtype,
         param_dtype=self.param_dtype,
         name=f"block_{i}",
       )(x, train)
-    x = nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="final_norm")(x)
+    if self.norm == "pre":
+      x = nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="final_norm")(x)
     x = x[:, 0] if cls else jnp.mean(x, axis=(1, 2))
     logits = nn.Dense(
       self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name="classifier"
