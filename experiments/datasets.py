@@ -22,6 +22,7 @@ import hashlib
 import os
 import pathlib
 import pickle
+import shutil
 import struct
 import sys
 import tarfile
@@ -222,6 +223,7 @@ CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 CIFAR10_TRAIN_BATCHES = tuple(f"cifar-10-batches-py/data_batch_{i}" for i in range(1, 6))
 CIFAR10_TEST_BATCH = "cifar-10-batches-py/test_batch"
 _CIFAR10_SHAPE = (3, 32, 32)  # channel-major rows of 3072 bytes
+_DOWNLOAD_TIMEOUT_S = 60.0  # per blocking socket operation
 
 # The only globals a CIFAR-10 batch pickle (a dict of lists, bytes and one uint8 ndarray, written
 # by Python 2 or 3 with numpy 1 or 2) needs; anything else is refused rather than executed.
@@ -263,8 +265,9 @@ def _md5(path: pathlib.Path) -> str:
 
 
 def _download(url: str, path: pathlib.Path) -> None:
-  """Fetches ``url`` into the file ``path``."""
-  urllib.request.urlretrieve(url, path)
+  """Fetches ``url`` into the file ``path`` (a stalled connection fails after a minute)."""
+  with urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as response, open(path, "wb") as f:
+    shutil.copyfileobj(response, f, 1 << 20)
 
 
 def _cifar10_tarball(data_dir: pathlib.Path, download: bool) -> pathlib.Path:

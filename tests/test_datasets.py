@@ -338,6 +338,20 @@ def test_cifar10_downloads_once(tmp_path, monkeypatch):
   assert calls == [datasets.CIFAR10_URL]
 
 
+def test_cifar10_real_downloader_from_a_file_url(tmp_path, monkeypatch):
+  """The real downloader (urllib) on a local file:// URL: no network involved."""
+  source = tmp_path / "server" / "cifar.tar.gz"
+  expected, md5 = write_cifar10_tarball(source)
+  monkeypatch.setattr(datasets, "CIFAR10_MD5", md5)
+  monkeypatch.setattr(datasets, "CIFAR10_URL", source.as_uri())
+  labels = datasets.load_cifar10(tmp_path / "data")["test"][1]
+  np.testing.assert_array_equal(labels, expected["test"][1])
+  assert (tmp_path / "data" / datasets.CIFAR10_FILENAME).read_bytes() == source.read_bytes()
+  monkeypatch.setattr(datasets, "CIFAR10_URL", (tmp_path / "missing.tar.gz").as_uri())
+  with pytest.raises(FileNotFoundError, match="downloading it failed"):
+    datasets.load_cifar10(tmp_path / "other")
+
+
 def test_cifar10_md5_mismatch(tmp_path, monkeypatch):
   data_dir = tmp_path / "data"
   _, md5 = write_cifar10_tarball(data_dir / datasets.CIFAR10_FILENAME)
