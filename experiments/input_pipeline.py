@@ -58,7 +58,9 @@ __all__ = [
   "eval_batches",
   "find_fashion_mnist_dir",
   "load_dataset",
+  "make_global_batch",
   "normalize",
+  "process_rows",
   "read_idx",
   "steps_per_epoch",
 ]
@@ -316,33 +318,109 @@ def steps_per_epoch(dataset: Dataset, batch_size: int) -> int:
 
 
 def batch_at_step(
-  dataset: Dataset, step: int, batch_size: int, *, seed: int
+  dataset: Dataset, step: int, batch_size: int, *, seed: int, rows: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-  """The training batch of global step ``step``.
+  """The training batch of global step ``step``, or the rows ``rows`` of it.
 
   Epochs are drop-remainder passes over a fresh :func:`epoch_permutation`: step ``s`` is batch
   ``s % steps_per_epoch`` of epoch ``s // steps_per_epoch``. The result depends only on
-  ``(dataset, seed, step, batch_size)``, so a run resumed at step s sees the same batches.
+  ``(dataset, seed, step, batch_size)``, so a run resumed at step s sees the same batches, and
+  the global batch does not depend on how many processes share it: each process reads only its
+  ``rows`` (:func:`process_rows`) of the same global batch.
 
   Args:
     dataset: the :class:`Dataset`.
     step: non-negative global step.
-    batch_size: examples per batch, in ``[1, N_train]``.
+    batch_size: examples per (global) batch, in ``[1, N_train]``.
     seed: non-negative integer seed of the shuffles.
+    rows: optional ascending positions in ``[0, batch_size)`` of the global batch to read
+      (``None``: all of them).
 
   Returns:
-    ``(images, labels)``: ``(batch_size, H, W, C)`` uint8 and ``(batch_size,)`` int32.
+    ``(images, labels)``: ``(R, H, W, C)`` uint8 and ``(R,)`` int32, where ``R`` is
+    ``batch_size`` or ``len(rows)``.
+
+  Raises:
+    ValueError: if ``step`` is negative or ``rows`` holds positions outside ``[0, batch_size)``.
   """
   per_epoch = steps_per_epoch(dataset, batch_size)
   step = _check_nonneg_int(step, "step")
   epoch, index = divmod(step, per_epoch)
   perm = epoch_permutation(dataset.num_train, seed=seed, epoch=epoch)
   idx = perm[index * batch_size : (index + 1) * batch_size]
+  if rows is not None:
+    idx = idx[_check_rows(rows, batch_size)]
   return dataset.train_images[idx], dataset.train_labels[idx]
 
 
+def _check_rows(rows, batch_size: int) -> np.ndarray:
+  rows = np.asarray(rows)
+  if rows.ndim != 1 or not np.issubdtype(rows.dtype, np.integer):
+    raise ValueError(
+      f"rows: expected a 1-D integer array of batch positions, got {rows.dtype} of shape "
+      f"{rows.shape}"
+    )
+  if rows.size and (rows.min() < 0 or rows.max() >= batch_size):
+    raise ValueError(
+      f"rows: expected positions in [0, {batch_size}), got values in [{rows.min()}, {rows.max()}]"
+    )
+  return rows
+
+
+def process_rows(sharding: jax.sharding.Sharding, batch_size: int) -> np.ndarray:
+  """The rows of a ``(batch_size, ...)`` global batch that this process's devices hold.
+
+  With the batch axis sharded over all devices of all processes, each process feeds only these
+  rows (the layout :func:`jax.make_array_from_process_local_data` expects).
+
+  Args:
+    sharding: the sharding of the batch's arrays (only their leading axis is looked at).
+    batch_size: global batch size, divisible as the sharding requires.
+
+  Returns:
+    ``(R,)`` int64, ascending and without repeats.
+  """
+  if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer):
+    raise ValueError(f"batch_size: expected an int, got {type(batch_size).__name__}")
+  if batch_size < 1:
+    raise ValueError(f"batch_size: expected a positive integer, got {batch_size}")
+  positions = np.arange(int(batch_size))
+  index_map = sharding.addressable_devices_indices_map((int(batch_size),))
+  return np.unique(np.concatenate([positions[index[0]] for index in index_map.values()]))
+
+
+def make_global_batch(
+  sharding: jax.sharding.Sharding, local: Sequence[np.ndarray], batch_size: int
+) -> tuple[jax.Array, ...]:
+  """Global arrays of a batch from this process's rows (:func:`process_rows`) of it.
+
+  Args:
+    sharding: the batch's sharding over the devices of all processes.
+    local: arrays ``(R, ...)`` holding this process's rows of the global batch, in order.
+    batch_size: global batch size.
+
+  Returns:
+    One ``(batch_size, ...)`` :class:`jax.Array` per array of ``local``.
+
+  Raises:
+    ValueError: if an array of ``local`` does not have this process's row count.
+  """
+  num_rows = process_rows(sharding, batch_size).shape[0]
+  arrays = []
+  for i, array in enumerate(local):
+    array = np.asarray(array)
+    if array.ndim < 1 or array.shape[0] != num_rows:
+      raise ValueError(
+        f"local[{i}]: expected this process's {num_rows} rows of the global batch of "
+        f"{batch_size}, got shape {array.shape}"
+      )
+    global_shape = (int(batch_size), *array.shape[1:])
+    arrays.append(jax.make_array_from_process_local_data(sharding, array, global_shape))
+  return tuple(arrays)
+
+
 def eval_batches(
-  images: np.ndarray, labels: np.ndarray, batch_size: int
+  images: np.ndarray, labels: np.ndarray, batch_size: int, *, rows: np.ndarray | None = None
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
   """Iterates over an evaluation set in fixed-size batches, in order.
 
@@ -352,11 +430,13 @@ def eval_batches(
   Args:
     images: ``(N, H, W, C)`` array.
     labels: ``(N,)`` array.
-    batch_size: positive batch size.
+    batch_size: positive (global) batch size.
+    rows: optional ascending positions in ``[0, batch_size)`` of every batch to yield (a
+      process's share, :func:`process_rows`); ``None``: the whole batches.
 
   Yields:
-    ``(images, labels, mask)``: ``(batch_size, H, W, C)``, ``(batch_size,)`` and
-    ``(batch_size,)`` bool.
+    ``(images, labels, mask)``: ``(R, H, W, C)``, ``(R,)`` and ``(R,)`` bool, where ``R`` is
+    ``batch_size`` or ``len(rows)``.
   """
   if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer):
     raise TypeError(f"batch_size: expected an int, got {type(batch_size).__name__}")
@@ -366,15 +446,25 @@ def eval_batches(
     raise ValueError(
       f"labels: expected {images.shape[0]} labels (one per image), got {labels.shape[0]}"
     )
+  if rows is not None:
+    rows = _check_rows(rows, batch_size)
   n = images.shape[0]
   for start in range(0, n, batch_size):
-    batch_images = images[start : start + batch_size]
-    batch_labels = labels[start : start + batch_size]
+    if rows is None:
+      batch_images, batch_labels = (
+        images[start : start + batch_size],
+        labels[start : start + batch_size],
+      )
+      size = batch_size
+    else:  # rows are ascending: the real examples come first, the padding last
+      take = start + rows[start + rows < n]
+      batch_images, batch_labels = images[take], labels[take]
+      size = rows.shape[0]
     real = batch_images.shape[0]
-    mask = np.zeros(batch_size, bool)
+    mask = np.zeros(size, bool)
     mask[:real] = True
-    if real < batch_size:
-      pad = batch_size - real
+    pad = size - real
+    if pad:
       batch_images = np.concatenate(
         [batch_images, np.zeros((pad,) + images.shape[1:], images.dtype)]
       )

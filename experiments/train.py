@@ -3,28 +3,44 @@
 * SGD with momentum and PyTorch-style coupled L2 weight decay (``grad += wd * param`` before
   momentum), not applied to the quadratic attention's ``centers`` / ``spreads``; warm-up + cosine
   or step learning-rate schedule, updated every step.
-* One jitted train step (``jax.jit``, state donated), data parallel over all visible devices: a
-  1-D ``jax.sharding.Mesh`` with axis ``"data"``, batch sharded along it, state replicated.
-* Batches are a pure function of ``(seed, step)``
-  (:func:`experiments.input_pipeline.batch_at_step`); augmentation and dropout use
-  ``fold_in(key, step)``. With the train-metric accumulators kept in the state, a run resumed from
-  a checkpoint is bit-identical to an uninterrupted one.
+* One jitted train step (``jax.jit``, state donated), data parallel over all devices of all
+  processes (``jax.devices()``): a 1-D ``jax.sharding.Mesh`` with axis ``"data"``, batch sharded
+  along it, state replicated. The host runs at most ``MAX_INFLIGHT`` steps (and evaluation
+  batches) ahead of the devices: with more devices than CPU cores, an unbounded queue of
+  executions with collectives can starve their rendezvous.
+* Multi-process (``jax.distributed``, see :mod:`experiments.main`): the global batch of a step
+  is a pure function of ``(seed, step)`` (:func:`experiments.input_pipeline.batch_at_step`),
+  whatever the number of processes; each process reads only its rows of it
+  (:func:`experiments.input_pipeline.process_rows`) and the global array is assembled with
+  ``jax.make_array_from_process_local_data``. Augmentation and dropout are drawn inside the
+  jitted step from ``fold_in(key, step)`` with the global batch's shape (partitionable threefry),
+  so every example's draw depends on its global position, not on the process that holds it.
+  Evaluation is sharded the same way (``shard_map``: per-device sums, no collective until one
+  gather at the end). Only process 0 writes files other than checkpoints and shows progress.
+* With the train-metric accumulators kept in the state, a run resumed from a checkpoint is
+  bit-identical to an uninterrupted one.
 * Orbax ``CheckpointManager`` in ``<workdir>/checkpoints`` (params, batch_stats, optimizer state,
   step, RNG key, metric accumulators) with automatic resume; the best-validation weights in
-  ``<workdir>/best``.
+  ``<workdir>/best``. Every process saves and restores collectively, so the workdir must be on a
+  file system all processes share.
 * ``<workdir>/config.json``, ``metrics.jsonl`` (one JSON object per evaluation),
-  ``centers.jsonl`` (quadratic attention centres and sharpness alpha per evaluation), ``summary.json``, ``plots/``.
+  ``centers.jsonl`` (quadratic attention centres and sharpness alpha per evaluation),
+  ``summary.json``, ``plots/``, and TensorBoard event files of the metrics in
+  ``<workdir>/tensorboard/`` (``tensorboardX``; rewritten from ``metrics.jsonl`` at every start,
+  so a resumed run holds each step once).
 * Model selection is on the validation split only: ``final_test_accuracy`` is the test accuracy
   of the evaluation with the best validation accuracy; ``last_test_accuracy`` that of the end.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
 import pathlib
 import time
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -36,6 +52,7 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -46,9 +63,13 @@ from experiments import input_pipeline
 from experiments.accumulation import accumulated_value_and_grad
 
 __all__ = [
+  "MAX_INFLIGHT",
+  "TENSORBOARD_DIR",
+  "TENSORBOARD_TAGS",
   "TrainState",
   "build_optimizer",
   "create_learning_rate_schedule",
+  "evaluate",
   "find_params",
   "load_dataset_from_config",
   "num_train_steps",
@@ -61,6 +82,20 @@ METRICS_FILE = "metrics.jsonl"
 CENTERS_FILE = "centers.jsonl"
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.json"
+TENSORBOARD_DIR = "tensorboard"
+# metrics.jsonl key -> TensorBoard scalar tag.
+TENSORBOARD_TAGS = {
+  "train_loss": "train/loss",
+  "train_accuracy": "train/accuracy",
+  "lr": "train/learning_rate",
+  "images_per_second": "train/images_per_second",
+  "val_loss": "val/loss",
+  "val_accuracy": "val/accuracy",
+  "test_loss": "test/loss",
+  "test_accuracy": "test/accuracy",
+}
+# Executions the host dispatches ahead of the devices (train steps, evaluation batches).
+MAX_INFLIGHT = 2
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -280,6 +315,71 @@ def _make_eval_step(model, dataset: input_pipeline.Dataset) -> Callable:
   return eval_step
 
 
+def _make_sharded_eval_step(model, dataset: input_pipeline.Dataset, mesh: Mesh) -> Callable:
+  """The eval step per device (``shard_map``): ``(D,)`` loss and correct sums, one per device of
+  ``mesh``, sharded along ``"data"``; no cross-device collective."""
+  local_step = _make_eval_step(model, dataset)
+
+  def step(params, batch_stats, images, labels, mask):
+    loss, correct = local_step(params, batch_stats, images, labels, mask)
+    return loss[None], correct[None]
+
+  data = P("data")
+  return jax.jit(
+    jax.shard_map(step, mesh=mesh, in_specs=(P(), P(), data, data, data), out_specs=(data, data))
+  )
+
+
+@jax.jit
+def _add(a: Any, b: Any) -> Any:
+  return jax.tree_util.tree_map(jnp.add, a, b)
+
+
+def _to_host(tree: Any) -> Any:
+  """Host (numpy) copies of the leaves of ``tree``: fully addressable or replicated arrays."""
+
+  def get(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      if not x.sharding.is_fully_replicated:
+        raise ValueError(
+          f"tree: expected replicated or fully addressable arrays, got sharding {x.sharding}"
+        )
+      x = x.addressable_data(0)
+    return np.asarray(x)
+
+  return jax.tree_util.tree_map(get, tree)
+
+
+def _gather(x: jax.Array) -> np.ndarray:
+  """The whole of a global array on every process's host (a collective if it is sharded across
+  processes)."""
+  if x.is_fully_addressable or x.sharding.is_fully_replicated:
+    return _to_host(x)
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def _replicate(tree: Any, sharding: NamedSharding) -> Any:
+  """Global replicated arrays from host values that are equal on every process."""
+
+  def put(x):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+  return jax.tree_util.tree_map(put, tree)
+
+
+def _broadcast_json(value: Any) -> Any:
+  """Process 0's JSON-serialisable ``value`` on every process (``value`` of the others unused)."""
+  if jax.process_count() == 1:
+    return value
+  data = json.dumps(value).encode() if jax.process_index() == 0 else b""
+  size = int(multihost_utils.broadcast_one_to_all(np.asarray(len(data), np.int32)))
+  buffer = np.zeros(size, np.uint8)
+  if jax.process_index() == 0:
+    buffer[:] = np.frombuffer(data, np.uint8)
+  return json.loads(bytes(multihost_utils.broadcast_one_to_all(buffer)).decode())
+
+
 def evaluate(
   eval_step: Callable,
   params: Any,
@@ -288,19 +388,47 @@ def evaluate(
   labels: np.ndarray,
   batch_size: int,
   sharding: NamedSharding,
+  *,
+  max_inflight: int = MAX_INFLIGHT,
 ) -> dict[str, float]:
-  """Accuracy and mean cross-entropy over a whole split (``nan`` for an empty split)."""
+  """Accuracy and mean cross-entropy over a whole split (``nan`` for an empty split).
+
+  Each process feeds only its rows of every batch (:func:`input_pipeline.process_rows`). The
+  sums ``eval_step`` returns (scalars, or one per device as the trainer's ``shard_map`` step) are
+  accumulated on the devices, at most ``max_inflight`` batches ahead of the host, and gathered
+  once at the end; the per-device float32 sums are added on the host in float64, in device
+  order, so the result does not depend on the number of processes.
+
+  Args:
+    eval_step: ``(params, batch_stats, images, labels, mask) -> (loss_sum, correct_sum)``.
+    params, batch_stats: the model's variables (replicated).
+    images, labels: the whole split, ``(N, H, W, C)`` and ``(N,)``, on every process.
+    batch_size: global evaluation batch size (a multiple of the device count).
+    sharding: the batch sharding.
+    max_inflight: positive number of batches dispatched ahead of the host.
+
+  Returns:
+    ``{"accuracy": ..., "loss": ...}``.
+
+  Raises:
+    ValueError: if ``max_inflight`` is not a positive integer.
+  """
+  if isinstance(max_inflight, bool) or not isinstance(max_inflight, int) or max_inflight < 1:
+    raise ValueError(f"max_inflight: expected a positive integer, got {max_inflight!r}")
   n = int(images.shape[0])
   if n == 0:
     return {"accuracy": float("nan"), "loss": float("nan")}
-  loss_sum, correct_sum = 0.0, 0.0
-  sums = []
-  for batch_images, batch_labels, mask in input_pipeline.eval_batches(images, labels, batch_size):
-    args = jax.device_put((batch_images, batch_labels, mask), sharding)
-    sums.append(eval_step(params, batch_stats, *args))
-  for loss, correct in jax.device_get(sums):
-    loss_sum += float(loss)
-    correct_sum += float(correct)
+  rows = input_pipeline.process_rows(sharding, batch_size)
+  total = None
+  pending = collections.deque()
+  for batch in input_pipeline.eval_batches(images, labels, batch_size, rows=rows):
+    args = input_pipeline.make_global_batch(sharding, batch, batch_size)
+    sums = eval_step(params, batch_stats, *args)
+    total = sums if total is None else _add(total, sums)
+    pending.append(total)
+    if len(pending) > max_inflight:
+      jax.block_until_ready(pending.popleft())
+  loss_sum, correct_sum = (float(np.sum(_gather(x), dtype=np.float64)) for x in total)
   return {"accuracy": correct_sum / n, "loss": loss_sum / n}
 
 
@@ -314,10 +442,11 @@ def _read_jsonl(path: pathlib.Path) -> list[dict]:
   return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _truncate_jsonl(path: pathlib.Path, max_step: int) -> list[dict]:
-  """Drops events after ``max_step`` (written before a kill, to be redone); returns the rest."""
+def _truncate_jsonl(path: pathlib.Path, max_step: int, write: bool = True) -> list[dict]:
+  """Drops events after ``max_step`` (written before a kill, to be redone); returns the rest
+  (``write=False``: only returns them)."""
   records = [r for r in _read_jsonl(path) if r.get("step", 0) <= max_step]
-  if path.exists():
+  if write and path.exists():
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
   return records
 
@@ -352,19 +481,26 @@ def train_and_evaluate(
 ) -> dict[str, Any]:
   """Trains ``config.model`` on ``config.dataset``, resuming from ``workdir`` if possible.
 
+  In a multi-process run (``jax.distributed.initialize`` called first, as
+  :mod:`experiments.main` does) every process calls this with the same arguments; ``workdir``
+  must be on a file system they share (checkpoints are saved and restored collectively), and
+  only process 0 writes the other files.
+
   Args:
     config: a config from ``experiments/configs`` (fields in
       :func:`experiments.configs.common.base_config`).
-    workdir: output directory (created if needed): checkpoints, metrics, summary, plots.
+    workdir: output directory (created if needed): checkpoints, metrics, summary, plots,
+      TensorBoard events.
     dataset: optional pre-loaded :class:`experiments.input_pipeline.Dataset` (tests); by default
-      it is loaded from ``config.dataset``.
+      it is loaded from ``config.dataset`` (by process 0 first, then by the others).
     init_variables: optional ``{'params': ..., 'batch_stats': ...}`` to start from instead of the
       model's initialisation (fine-tuning, e.g. a converted network); their shapes must be the
       model's. Ignored when ``workdir`` has a checkpoint to resume from.
 
   Returns:
-    The summary dict written to ``<workdir>/summary.json``; when the run stopped early because of
-    ``config.stop_after_steps``, the summary of the partial run (not written).
+    The summary dict written to ``<workdir>/summary.json`` (the same on every process); when the
+    run stopped early because of ``config.stop_after_steps``, the summary of the partial run (not
+    written).
 
   Raises:
     ValueError: if ``batch_size`` is not divisible by the device count, or a config field is
@@ -373,12 +509,20 @@ def train_and_evaluate(
       written before that step are kept, none is written after it).
   """
   workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  is_main = jax.process_index() == 0
+  if is_main:
+    workdir.mkdir(parents=True, exist_ok=True)
   if dataset is None:
-    dataset = load_dataset_from_config(config)
-  (workdir / CONFIG_FILE).write_text(
-    json.dumps(config.to_dict(), indent=2, default=_json_default) + "\n"
-  )
+    if is_main:  # a first read may download or unpack into a shared directory: one at a time
+      dataset = load_dataset_from_config(config)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("attnconv: dataset loaded by process 0")
+    if not is_main:
+      dataset = load_dataset_from_config(config)
+  if is_main:
+    (workdir / CONFIG_FILE).write_text(
+      json.dumps(config.to_dict(), indent=2, default=_json_default) + "\n"
+    )
 
   # --- Devices and mesh. ---------------------------------------------------------------------
   devices = jax.devices()
@@ -404,6 +548,7 @@ def train_and_evaluate(
   mesh = Mesh(np.asarray(devices), ("data",))
   replicated = NamedSharding(mesh, P())
   data_sharding = NamedSharding(mesh, P("data"))
+  rows = input_pipeline.process_rows(data_sharding, batch_size)
 
   # --- Steps, schedule, model, optimizer. -----------------------------------------------------
   per_epoch = input_pipeline.steps_per_epoch(dataset, batch_size)
@@ -419,19 +564,21 @@ def train_and_evaluate(
   model = _build_model(config, dataset.num_classes)
 
   # --- Initial state (jitted init, replicated). ----------------------------------------------
-  rng = jax.random.key(int(config.seed))
-  init_key, train_key = jax.random.split(rng)
+  seed = int(config.seed)
+  init_key = jax.random.split(jax.random.key(seed))[0]
   sample = jnp.zeros((1, *dataset.image_shape), jnp.float32)
 
   conv_init_alpha = float(config.get("conv_init_alpha", 0.0))
   if conv_init_alpha < 0:
     raise ValueError(f"config.conv_init_alpha: expected 0 (off) or > 0, got {conv_init_alpha}")
 
-  def init_fn(key):
-    params_key, dropout_key = jax.random.split(key)
+  def init_fn(given_variables):
+    # Keys drawn inside: the init is one replicated computation on every process.
+    init_key, train_key = jax.random.split(jax.random.key(seed))
+    params_key, dropout_key = jax.random.split(init_key)
     variables = model.init({"params": params_key, "dropout": dropout_key}, sample, train=False)
-    if init_variables is not None:
-      variables = {**variables, **init_variables}
+    if given_variables is not None:
+      variables = {**variables, **given_variables}
     params = variables["params"]
     if conv_init_alpha > 0:  # Start every quadratic attention layer as a K x K convolution.
       params = init_attention_as_convolution(
@@ -451,7 +598,7 @@ def train_and_evaluate(
     )
 
   if init_variables is not None:
-    init_variables = flax.core.unfreeze(init_variables)
+    init_variables = _to_host(flax.core.unfreeze(init_variables))
     expected = jax.eval_shape(
       lambda: model.init({"params": init_key, "dropout": init_key}, sample, train=False)
     )
@@ -465,7 +612,7 @@ def train_and_evaluate(
 
   abstract = jax.tree_util.tree_map(
     lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-    jax.eval_shape(init_fn, init_key),
+    jax.eval_shape(init_fn, init_variables),
   )
   num_params = count_params(abstract.params)
 
@@ -479,31 +626,49 @@ def train_and_evaluate(
   )
   latest = manager.latest_step()
   if latest is None:
-    state = jax.jit(init_fn, out_shardings=replicated)(init_key)
+    given = None if init_variables is None else _replicate(init_variables, replicated)
+    state = jax.jit(init_fn, out_shardings=replicated)(given)
     if config.get("mimetic_init", False):  # Trockman & Kolter; SVDs of the kernels on the host
-      params = mimetic_init(jax.device_get(state.params), jax.random.fold_in(init_key, 2))
-      state = jax.device_put(state.replace(params=params, opt_state=tx.init(params)), replicated)
+      params = mimetic_init(_to_host(state.params), jax.random.fold_in(init_key, 2))
+      params = _to_host(params)
+      state = state.replace(params=_replicate(params, replicated))
+      state = state.replace(opt_state=_replicate(_to_host(tx.init(params)), replicated))
   else:  # No init: restore straight into the (sharded) abstract state.
     state = manager.restore(latest, args=ocp.args.StandardRestore(abstract))
-    print(f"Resumed from {workdir / 'checkpoints'} at step {latest}.", flush=True)
-  start_step = int(jax.device_get(state.step))
+    if is_main:
+      print(f"Resumed from {workdir / 'checkpoints'} at step {latest}.", flush=True)
+  start_step = int(_to_host(state.step))
   summary_path = workdir / SUMMARY_FILE
-  if start_step >= total_steps and summary_path.exists():
-    finished = json.loads(summary_path.read_text())
-    if finished.get("completed") and finished.get("steps") == total_steps:
-      manager.close()
-      best_manager.close()
-      return finished  # Nothing left to do: keep the finished run's summary as it is.
   metrics_path = workdir / METRICS_FILE
   centers_path = workdir / CENTERS_FILE
-  history = _truncate_jsonl(metrics_path, start_step)
-  _truncate_jsonl(centers_path, start_step)
-  if latest is None and start_step == 0:
-    for path in (metrics_path, centers_path):
-      path.unlink(missing_ok=True)
-    history = []
-  has_centers = bool(find_params(jax.device_get(state.params), "centers"))
-  if has_centers and start_step == 0:
+
+  # Process 0 reads the files; every process takes its decisions from that one view.
+  resume = None
+  if is_main:
+    finished = None
+    if start_step >= total_steps and summary_path.exists():
+      candidate = json.loads(summary_path.read_text())
+      if candidate.get("completed") and candidate.get("steps") == total_steps:
+        finished = candidate  # Nothing left to do: keep the finished run's summary as it is.
+    history = [] if latest is None else _truncate_jsonl(metrics_path, start_step, write=False)
+    resume = {"finished": finished, "history": history}
+  resume = _broadcast_json(resume)
+  if resume["finished"] is not None:
+    manager.close()
+    best_manager.close()
+    return resume["finished"]
+  history = resume["history"]
+  writer = None
+  if is_main:
+    if latest is None:  # a fresh start: nothing of an earlier attempt is kept
+      for path in (metrics_path, centers_path):
+        path.unlink(missing_ok=True)
+    else:
+      _truncate_jsonl(metrics_path, start_step)
+      _truncate_jsonl(centers_path, start_step)
+    writer = _open_tensorboard(workdir / TENSORBOARD_DIR, history)
+  has_centers = bool(find_params(_to_host(state.params), "centers"))
+  if is_main and has_centers and start_step == 0:
     _log_centers(centers_path, 0, state.params)
 
   best = {"val_accuracy": -1.0, "step": -1, "test_accuracy": float("nan")}
@@ -525,14 +690,10 @@ def train_and_evaluate(
     out_shardings=(replicated, replicated),
     donate_argnums=0,
   )
-  eval_step = jax.jit(
-    _make_eval_step(model, dataset),
-    in_shardings=(replicated, replicated, data_sharding, data_sharding, data_sharding),
-    out_shardings=replicated,
-  )
+  eval_step = _make_sharded_eval_step(model, dataset, mesh)
 
   def check_finite(upto_step: int) -> None:
-    bad = int(jax.device_get(state.nonfinite_step))
+    bad = int(_to_host(state.nonfinite_step))
     if bad >= 0:
       raise FloatingPointError(
         f"Training loss is NaN or inf at step {bad} (0-based update index; the last checkpoint "
@@ -545,11 +706,10 @@ def train_and_evaluate(
 
   # --- Loop. ----------------------------------------------------------------------------------
   bar = None
-  if config.get("progress_bar", True):
+  if is_main and config.get("progress_bar", True):
     import tqdm
 
     bar = tqdm.tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
-  seed = int(config.seed)
   interval_start = time.perf_counter()
   interval_images = 0
   total_images_timed, total_time_timed = 0, 0.0
@@ -557,94 +717,103 @@ def train_and_evaluate(
   stopped_early = False
   compile_seconds = 0.0
   step = start_step
-  while step < total_steps:
-    if 0 <= stop_after <= step:
-      stopped_early = True
-      break
-    images, labels = input_pipeline.batch_at_step(dataset, step, batch_size, seed=seed)
-    images, labels = jax.device_put((images, labels), data_sharding)
-    state, loss = train_step(state, images, labels)
-    step += 1
-    interval_images += batch_size
-    if step == start_step + 1:
-      # Exclude compilation from the throughput (it stays in train_seconds).
-      jax.block_until_ready(state)
-      now = time.perf_counter()
-      compile_seconds = now - interval_start
-      train_seconds += compile_seconds
-      interval_start, interval_images = now, 0
+  inflight = collections.deque()
+  try:
+    while step < total_steps:
+      if 0 <= stop_after <= step:
+        stopped_early = True
+        break
+      local = input_pipeline.batch_at_step(dataset, step, batch_size, seed=seed, rows=rows)
+      images, labels = input_pipeline.make_global_batch(data_sharding, local, batch_size)
+      state, loss = train_step(state, images, labels)
+      inflight.append(loss)
+      if len(inflight) > MAX_INFLIGHT:
+        jax.block_until_ready(inflight.popleft())
+      step += 1
+      interval_images += batch_size
+      if step == start_step + 1:
+        # Exclude compilation from the throughput (it stays in train_seconds).
+        jax.block_until_ready(state)
+        now = time.perf_counter()
+        compile_seconds = now - interval_start
+        train_seconds += compile_seconds
+        interval_start, interval_images = now, 0
+      if bar is not None:
+        bar.update(1)
+      if step % log_every == 0:
+        check_finite(step)
+        if bar is not None:
+          bar.set_postfix(
+            loss=f"{float(_to_host(loss)):.4f}", lr=f"{float(schedule(step - 1)):.4g}"
+          )
+      if step % eval_every == 0 or step == total_steps:
+        check_finite(step)
+        jax.block_until_ready(state)
+        elapsed = time.perf_counter() - interval_start
+        train_seconds += elapsed
+        total_images_timed += interval_images
+        total_time_timed += elapsed
+        sums = _to_host((state.loss_sum, state.correct_sum, state.count))
+        count = max(float(sums[2]), 1.0)
+        val, test = (
+          evaluate(
+            eval_step,
+            state.params,
+            state.batch_stats,
+            split_images,
+            split_labels,
+            eval_batch_size,
+            data_sharding,
+          )
+          for split_images, split_labels in (
+            (dataset.val_images, dataset.val_labels),
+            (dataset.test_images, dataset.test_labels),
+          )
+        )
+        record = {
+          "step": step,
+          "epoch": step / per_epoch,
+          "lr": float(schedule(step - 1)),
+          "train_loss": float(sums[0]) / count,
+          "train_accuracy": float(sums[1]) / count,
+          "val_loss": val["loss"],
+          "val_accuracy": val["accuracy"],
+          "test_loss": test["loss"],
+          "test_accuracy": test["accuracy"],
+          "images_per_second": interval_images / elapsed if interval_images else None,
+          "train_seconds": train_seconds,
+        }
+        last_eval = record
+        if is_main:
+          _append_jsonl(metrics_path, record)
+          _write_tensorboard(writer, record)
+          if has_centers:
+            _log_centers(centers_path, step, state.params)
+        if _better(val["accuracy"], best["val_accuracy"]):
+          best = {"val_accuracy": val["accuracy"], "step": step, "test_accuracy": test["accuracy"]}
+          best_manager.save(
+            step,
+            args=ocp.args.StandardSave({"params": state.params, "batch_stats": state.batch_stats}),
+            force=True,
+          )
+        if bar is not None:
+          bar.write(
+            f"step {step} epoch {record['epoch']:.2f}: train_loss {record['train_loss']:.4f} "
+            f"train_acc {record['train_accuracy']:.4f} val_acc {val['accuracy']:.4f} "
+            f"test_acc {test['accuracy']:.4f}"
+          )
+        # Three distinct buffers: the whole state is donated to the next step.
+        zeros = [_replicate(np.zeros((), np.float32), replicated) for _ in range(3)]
+        state = state.replace(loss_sum=zeros[0], correct_sum=zeros[1], count=zeros[2])
+        interval_start = time.perf_counter()
+        interval_images = 0
+      if step % ckpt_every == 0 or step == total_steps:
+        save(step)
+  finally:
     if bar is not None:
-      bar.update(1)
-    if step % log_every == 0:
-      check_finite(step)
-      if bar is not None:
-        bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{float(schedule(step - 1)):.4g}")
-    if step % eval_every == 0 or step == total_steps:
-      check_finite(step)
-      jax.block_until_ready(state)
-      elapsed = time.perf_counter() - interval_start
-      train_seconds += elapsed
-      total_images_timed += interval_images
-      total_time_timed += elapsed
-      sums = jax.device_get((state.loss_sum, state.correct_sum, state.count))
-      count = max(float(sums[2]), 1.0)
-      val = evaluate(
-        eval_step,
-        state.params,
-        state.batch_stats,
-        dataset.val_images,
-        dataset.val_labels,
-        eval_batch_size,
-        data_sharding,
-      )
-      test = evaluate(
-        eval_step,
-        state.params,
-        state.batch_stats,
-        dataset.test_images,
-        dataset.test_labels,
-        eval_batch_size,
-        data_sharding,
-      )
-      record = {
-        "step": step,
-        "epoch": step / per_epoch,
-        "lr": float(schedule(step - 1)),
-        "train_loss": float(sums[0]) / count,
-        "train_accuracy": float(sums[1]) / count,
-        "val_loss": val["loss"],
-        "val_accuracy": val["accuracy"],
-        "test_loss": test["loss"],
-        "test_accuracy": test["accuracy"],
-        "images_per_second": interval_images / elapsed if interval_images else None,
-        "train_seconds": train_seconds,
-      }
-      _append_jsonl(metrics_path, record)
-      last_eval = record
-      if has_centers:
-        _log_centers(centers_path, step, state.params)
-      if _better(val["accuracy"], best["val_accuracy"]):
-        best = {"val_accuracy": val["accuracy"], "step": step, "test_accuracy": test["accuracy"]}
-        best_manager.save(
-          step,
-          args=ocp.args.StandardSave({"params": state.params, "batch_stats": state.batch_stats}),
-          force=True,
-        )
-      if bar is not None:
-        bar.write(
-          f"step {step} epoch {record['epoch']:.2f}: train_loss {record['train_loss']:.4f} "
-          f"train_acc {record['train_accuracy']:.4f} val_acc {val['accuracy']:.4f} "
-          f"test_acc {test['accuracy']:.4f}"
-        )
-      # Three distinct buffers: the whole state is donated to the next step.
-      zeros = [jax.device_put(np.zeros((), np.float32), replicated) for _ in range(3)]
-      state = state.replace(loss_sum=zeros[0], correct_sum=zeros[1], count=zeros[2])
-      interval_start = time.perf_counter()
-      interval_images = 0
-    if step % ckpt_every == 0 or step == total_steps:
-      save(step)
-  if bar is not None:
-    bar.close()
+      bar.close()
+    if writer is not None:
+      writer.close()
   manager.wait_until_finished()
   best_manager.wait_until_finished()
 
@@ -664,6 +833,7 @@ def train_and_evaluate(
     "compile_seconds": compile_seconds,
     "images_per_second": (total_images_timed / total_time_timed if total_time_timed > 0 else None),
     "devices": {"count": num_devices, "kinds": sorted({d.device_kind for d in devices})},
+    "processes": jax.process_count(),
     "platform": devices[0].platform,
     "steps": step,
     "epochs": step / per_epoch,
@@ -672,7 +842,7 @@ def train_and_evaluate(
     "num_train_examples": int(dataset.num_train),
     "completed": not stopped_early,
   }
-  if stopped_early:
+  if stopped_early or not is_main:
     manager.close()
     best_manager.close()
     return summary
@@ -681,12 +851,41 @@ def train_and_evaluate(
     try:
       from experiments import plots
 
-      plots.plot_workdir(workdir, model=model, state=state, dataset=dataset)
+      host_state = types.SimpleNamespace(
+        params=_to_host(state.params), batch_stats=_to_host(state.batch_stats)
+      )
+      plots.plot_workdir(workdir, model=model, state=host_state, dataset=dataset)
     except Exception as e:  # plots must never lose a finished run
       print(f"Plotting failed: {type(e).__name__}: {e}", flush=True)
   manager.close()
   best_manager.close()
   return summary
+
+
+def _open_tensorboard(logdir: pathlib.Path, history: list[dict]):
+  """A ``tensorboardX.SummaryWriter`` on ``logdir`` holding exactly ``history``: earlier event
+  files are replaced by the records of ``metrics.jsonl`` kept at this (re)start, so no step is
+  logged twice after a resume."""
+  from tensorboardX import SummaryWriter
+
+  if logdir.exists():
+    for path in logdir.glob("events.out.tfevents.*"):
+      path.unlink()
+  writer = SummaryWriter(logdir=str(logdir), flush_secs=30)
+  for record in history:
+    _write_tensorboard(writer, record, flush=False)
+  writer.flush()
+  return writer
+
+
+def _write_tensorboard(writer, record: dict, flush: bool = True) -> None:
+  """One evaluation's scalars (:data:`TENSORBOARD_TAGS`) at its step."""
+  for key, tag in TENSORBOARD_TAGS.items():
+    value = record.get(key)
+    if value is not None:
+      writer.add_scalar(tag, float(value), global_step=int(record["step"]))
+  if flush:
+    writer.flush()
 
 
 def _better(value: float, best: float) -> bool:
@@ -696,7 +895,7 @@ def _better(value: float, best: float) -> bool:
 def _log_centers(path: pathlib.Path, step: int, params: Any) -> None:
   """Appends the quadratic layers' centres ``(H, d)`` and sharpness ``alpha`` ``(H,)`` (the
   ``alpha`` parameter, or ``spreads^2 / 2``), keyed by layer path."""
-  params = jax.device_get(params)
+  params = _to_host(params)
   centers = find_params(params, "centers")
   alpha = find_params(params, "alpha")
   alpha.update({k: 0.5 * v**2 for k, v in find_params(params, "spreads").items() if v.ndim == 1})

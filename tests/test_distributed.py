@@ -1,0 +1,475 @@
+"""Multi-process training on JAX's distributed runtime (gloo collectives on CPU), the bounded
+dispatch that keeps more devices than cores from starving collective rendezvous, and the
+TensorBoard event files.
+
+The multi-process runs are subprocesses on 127.0.0.1 that run this file as a worker (``python
+tests/test_distributed.py '<json>'``): ``experiments.main.initialize_distributed`` then
+``train_and_evaluate`` on a tiny synthetic dataset with the quick config shrunk further (one
+quadratic-attention block, 10 steps). They share a persistent compilation cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import socket
+import struct
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+METRIC_KEYS = (
+  "step",
+  "epoch",
+  "lr",
+  "train_loss",
+  "train_accuracy",
+  "val_loss",
+  "val_accuracy",
+  "test_loss",
+  "test_accuracy",
+)
+STEPS = 10
+
+
+def _synthetic_dataset():
+  """4 classes told apart by brightness; 8x8x1 images, 64 train, 24 val, 20 test (the last
+  evaluation batch of 8 is padded, unevenly across processes); random crops and flips on."""
+  from experiments.input_pipeline import Dataset
+
+  rng = np.random.default_rng(0)
+
+  def make(n):
+    labels = rng.integers(0, 4, n).astype(np.int32)
+    noise = rng.integers(0, 60, (n, 8, 8, 1))
+    return (noise + labels[:, None, None, None] * 60).astype(np.uint8), labels
+
+  (tri, trl), (vai, val), (tei, tel) = make(64), make(24), make(20)
+  return Dataset(
+    name="synthetic",
+    train_images=tri,
+    train_labels=trl,
+    val_images=vai,
+    val_labels=val,
+    test_images=tei,
+    test_labels=tel,
+    num_classes=4,
+    mean=(0.5,),
+    std=(0.25,),
+    crop_padding=1,
+    flip=True,
+  )
+
+
+def _tiny_config(**overrides):
+  """``quick.py:smoke`` shrunk: one block of 4 quadratic heads on 4x4 tokens, dropout on (its
+  keys must not depend on the process layout either), 10 steps of batch 8."""
+  from experiments.configs import quick
+
+  config = quick.get_config("smoke")
+  config.model.num_layers = 1
+  config.model.num_heads = 4
+  config.model.hidden_size = 16
+  config.model.mlp_dim = 16
+  config.model.downsample = 2
+  config.model.dropout_rate = 0.1
+  config.batch_size = 8
+  config.num_train_steps = STEPS
+  config.eval_every_steps = 4
+  config.checkpoint_every_steps = 4
+  config.keep_checkpoints = 5
+  config.log_every_steps = 1
+  config.plot = False
+  config.progress_bar = True
+  for key, value in overrides.items():
+    config[key] = value
+  return config
+
+
+def _worker(spec: dict) -> None:
+  """One process of a run: ``spec`` holds the coordinator, the process index and count, the
+  workdir and config overrides."""
+  from experiments import main as main_lib
+
+  main_lib.initialize_distributed(
+    spec["coordinator_address"], spec["num_processes"], spec["process_id"]
+  )
+  import jax
+
+  from experiments import train as train_lib
+
+  assert jax.process_count() == spec["num_processes"]
+  summary = train_lib.train_and_evaluate(
+    _tiny_config(**spec["overrides"]), spec["workdir"], dataset=_synthetic_dataset()
+  )
+  print("SUMMARY " + json.dumps(summary), flush=True)
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _gloo_unavailable() -> str | None:
+  from jax._src.lib import _jax
+
+  if not hasattr(_jax, "make_gloo_tcp_collectives"):
+    return "this jaxlib has no gloo CPU collectives (make_gloo_tcp_collectives)"
+  return None
+
+
+def _launch(workdir, num_processes, devices_per_process, cache_dir, timeout=240, **overrides):
+  """Runs the worker as ``num_processes`` processes of ``devices_per_process`` CPU devices each;
+  returns their (stdout, stderr), process 0 first."""
+  reason = _gloo_unavailable()
+  if reason:
+    pytest.skip(reason)
+  env = dict(os.environ)
+  env.update(
+    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}",
+    JAX_PLATFORMS="cpu",
+    PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]),
+    JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+  )
+  address = f"127.0.0.1:{_free_port()}"
+  procs = []
+  for i in range(num_processes):
+    spec = {
+      "coordinator_address": address,
+      "num_processes": num_processes,
+      "process_id": i,
+      "workdir": str(workdir),
+      "overrides": overrides,
+    }
+    procs.append(
+      subprocess.Popen(
+        [sys.executable, __file__, json.dumps(spec)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+      )
+    )
+  outputs = []
+  deadline = time.monotonic() + timeout
+  try:
+    for p in procs:
+      outputs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic())))
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.communicate()
+  for i, (p, (out, err)) in enumerate(zip(procs, outputs)):
+    assert p.returncode == 0, f"process {i} exited {p.returncode}:\n{out[-3000:]}\n{err[-6000:]}"
+  return outputs
+
+
+def _summary(stdout: str) -> dict:
+  (line,) = [x for x in stdout.splitlines() if x.startswith("SUMMARY ")]
+  return json.loads(line[len("SUMMARY ") :])
+
+
+def _records(workdir: pathlib.Path, name: str = "metrics.jsonl") -> list[dict]:
+  return [json.loads(line) for line in (workdir / name).read_text().splitlines()]
+
+
+def _final_state(workdir: pathlib.Path):
+  """The latest checkpoint, restored onto this process's first device (it was saved on 4 devices
+  of 1 or 2 processes)."""
+  import jax
+  import orbax.checkpoint as ocp
+
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  path = (workdir / "checkpoints").absolute()
+  with ocp.CheckpointManager(path, item_handlers=ocp.StandardCheckpointHandler()) as manager:
+    step = manager.latest_step()
+    target = jax.tree_util.tree_map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+      manager.item_metadata(step),
+    )
+    return step, manager.restore(step, args=ocp.args.StandardRestore(target))
+
+
+def _assert_same_state(dir_a: pathlib.Path, dir_b: pathlib.Path) -> None:
+  import jax
+
+  step_a, state_a = _final_state(dir_a)
+  step_b, state_b = _final_state(dir_b)
+  assert step_a == step_b == STEPS
+  leaves_a = jax.tree_util.tree_leaves_with_path(state_a)
+  leaves_b = jax.tree_util.tree_leaves_with_path(state_b)
+  assert [p for p, _ in leaves_a] == [p for p, _ in leaves_b]
+  for (path, a), (_, b) in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
+
+
+def read_tensorboard_scalars(logdir: pathlib.Path) -> dict[str, list[tuple[int, float]]]:
+  """``{tag: [(step, value), ...]}`` of every scalar in the event files of ``logdir``, read with
+  ``tensorboardX``'s protos (TFRecord framing: length, masked CRC32C of it, data, masked CRC32C of
+  it; both CRCs checked)."""
+  from tensorboardX.crc32c import crc32c
+  from tensorboardX.proto.event_pb2 import Event
+
+  def masked(data: bytes) -> int:
+    crc = crc32c(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+  scalars: dict[str, list[tuple[int, float]]] = {}
+  for path in sorted(logdir.glob("events.out.tfevents.*")):
+    data, offset = path.read_bytes(), 0
+    while offset < len(data):
+      header = data[offset : offset + 8]
+      (length,) = struct.unpack("<Q", header)
+      (length_crc,) = struct.unpack("<I", data[offset + 8 : offset + 12])
+      assert length_crc == masked(header), path
+      body = data[offset + 12 : offset + 12 + length]
+      (body_crc,) = struct.unpack("<I", data[offset + 12 + length : offset + 16 + length])
+      assert body_crc == masked(body), path
+      offset += 16 + length
+      event = Event.FromString(body)
+      for value in event.summary.value:
+        scalars.setdefault(value.tag, []).append((int(event.step), float(value.simple_value)))
+  return scalars
+
+
+def _assert_tensorboard_matches(workdir: pathlib.Path) -> None:
+  """Every scalar of metrics.jsonl is in the event files, once, at its step (float32)."""
+  from experiments import train as train_lib
+
+  records = _records(workdir)
+  scalars = read_tensorboard_scalars(workdir / train_lib.TENSORBOARD_DIR)
+  assert set(scalars) == set(train_lib.TENSORBOARD_TAGS.values())
+  for key, tag in train_lib.TENSORBOARD_TAGS.items():
+    want = [(r["step"], float(np.float32(r[key]))) for r in records if r.get(key) is not None]
+    assert scalars[tag] == want, tag
+
+
+# ----------------------------------------------------------------------------------------------
+# Sharded batches.
+
+
+def test_process_rows_and_global_batch_reassemble_the_batch():
+  import jax
+  from jax.sharding import Mesh, NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  from experiments import input_pipeline
+
+  mesh = Mesh(np.asarray(jax.devices()), ("data",))
+  sharding = NamedSharding(mesh, P("data"))
+  rows = input_pipeline.process_rows(sharding, 8)
+  np.testing.assert_array_equal(rows, np.arange(8))  # one process holds every row
+  dataset = _synthetic_dataset()
+  full = input_pipeline.batch_at_step(dataset, 3, 8, seed=1)
+  part = input_pipeline.batch_at_step(dataset, 3, 8, seed=1, rows=np.array([1, 5, 6]))
+  np.testing.assert_array_equal(part[0], full[0][[1, 5, 6]])
+  images, labels = input_pipeline.make_global_batch(sharding, full, 8)
+  assert images.sharding == sharding and images.shape == (8, 8, 8, 1)
+  np.testing.assert_array_equal(np.asarray(labels), full[1])
+  with pytest.raises(ValueError, match=r"local\[0\]: expected this process's 8 rows.*got shape"):
+    input_pipeline.make_global_batch(sharding, (full[0][:4],), 8)
+  with pytest.raises(ValueError, match=r"rows: expected positions in \[0, 8\), got"):
+    input_pipeline.batch_at_step(dataset, 3, 8, seed=1, rows=np.array([0, 8]))
+  with pytest.raises(ValueError, match="batch_size: expected a positive integer, got 0"):
+    input_pipeline.process_rows(sharding, 0)
+
+
+def test_eval_batches_rows_are_the_rows_of_the_padded_batches():
+  from experiments import input_pipeline
+
+  images = np.arange(10 * 2).reshape(10, 2, 1, 1).astype(np.uint8)
+  labels = np.arange(10, dtype=np.int32)
+  rows = np.array([2, 3])
+  whole = list(input_pipeline.eval_batches(images, labels, 4))
+  parts = list(input_pipeline.eval_batches(images, labels, 4, rows=rows))
+  assert len(whole) == len(parts) == 3
+  for (wi, wl, wm), (pi, pl, pm) in zip(whole, parts):
+    np.testing.assert_array_equal(pi, wi[rows])
+    np.testing.assert_array_equal(pl, wl[rows])
+    np.testing.assert_array_equal(pm, wm[rows])
+  assert parts[-1][2].tolist() == [False, False]  # rows 10 and 11 are padding
+
+
+# ----------------------------------------------------------------------------------------------
+# Command-line flags.
+
+
+@pytest.mark.parametrize(
+  "kwargs, message",
+  [
+    ({"coordinator_address": "127.0.0.1:1234"}, "num_processes: expected a value"),
+    ({"num_processes": 2, "process_id": 0}, "coordinator_address: expected a value"),
+    (
+      {"coordinator_address": "127.0.0.1", "num_processes": 2, "process_id": 0},
+      "coordinator_address: expected 'HOST:PORT', got '127.0.0.1'",
+    ),
+    (
+      {"coordinator_address": "h:1", "num_processes": 0, "process_id": 0},
+      "num_processes: expected an integer >= 1, got 0",
+    ),
+    (
+      {"coordinator_address": "h:1", "num_processes": 2, "process_id": 2},
+      r"process_id: expected an integer in \[0, 2\), got 2",
+    ),
+  ],
+)
+def test_initialize_distributed_rejects_bad_flags(kwargs, message):
+  from experiments.main import initialize_distributed
+
+  with pytest.raises(ValueError, match=message):
+    initialize_distributed(**kwargs)
+
+
+def test_initialize_distributed_without_flags_is_a_single_process_run():
+  from experiments.main import initialize_distributed
+
+  assert initialize_distributed() is False
+
+
+# ----------------------------------------------------------------------------------------------
+# More devices than cores.
+
+
+def test_smoke_config_with_four_devices_on_few_cores(tmp_path):
+  """``quick.py:smoke`` (shortened) in one process with 4 CPU devices: every execution with
+  collectives used to be dispatched before any result was read, and the queued rendezvous
+  starved each other on a 2-core machine (abort after 40 s); the host now runs at most
+  ``MAX_INFLIGHT`` executions ahead and evaluation has no collective but one final gather."""
+  from experiments import input_pipeline
+
+  try:
+    input_pipeline.find_fashion_mnist_dir()
+  except FileNotFoundError as e:
+    pytest.skip(f"Fashion-MNIST IDX files absent: {e}")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+  command = [
+    sys.executable,
+    "-m",
+    "experiments.main",
+    "--config=experiments/configs/quick.py:smoke",
+    f"--workdir={tmp_path}",
+    "--config.num_train_steps=4",
+    "--config.eval_every_steps=2",
+    "--config.checkpoint_every_steps=4",
+    "--config.plot=False",
+    "--config.progress_bar=False",
+  ]
+  result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-6000:]
+  records = _records(tmp_path)
+  assert [r["step"] for r in records] == [2, 4]
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  assert summary["devices"]["count"] == 4 and summary["completed"] is True
+
+
+# ----------------------------------------------------------------------------------------------
+# Multi-process runs.
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """The runs compared below, launched once: 1 process x 4 devices, 2 x 2 uninterrupted, and 2 x 2
+  stopped after 6 steps (last checkpoint: 4) then restarted."""
+  root = tmp_path_factory.mktemp("distributed")
+  cache = root / "jax_cache"
+  out = {"root": root}
+  out["one"] = _launch(root / "one", 1, 4, cache)
+  out["two"] = _launch(root / "two", 2, 2, cache)
+  out["stopped"] = _launch(root / "resumed", 2, 2, cache, stop_after_steps=6)
+  out["resumed"] = _launch(root / "resumed", 2, 2, cache)
+  return out
+
+
+def test_two_processes_match_one_process_bitwise(runs):
+  """2 processes x 2 CPU devices vs 1 process x 4 CPU devices: the same metrics and final
+  state, bitwise.
+
+  Why bitwise holds: the global batch of a step is a function of (seed, step) only and device
+  d of the 4-device mesh (``jax.devices()``, ordered by process) gets the same rows of it in both
+  layouts; augmentation and dropout are drawn in the jitted step from the global shape
+  (partitionable threefry), so each example's draw depends on its global position; every
+  device runs the same SPMD program on the same data; the gradient and loss all-reduces run
+  over the same 4 gloo ranks with the same ring algorithm, hence the same float32 summation
+  order; evaluation sums are per device (no collective), gathered exactly and added on the host
+  in float64 in device order. The 1-process reference uses the same runtime
+  (``jax.distributed`` with one process, gloo). The plain single-process runtime (no
+  ``jax.distributed``) reduces across its devices with XLA's in-process communicator, which adds
+  the 4 partial sums in rank order where gloo's ring starts each chunk at a different rank: each
+  all-reduce then differs by rounding (at most 2 * gamma_3 * sum_d |x_d|, gamma_3 = 3u / (1 - 3u),
+  u = 2^-24, between two orders), and training carries such differences on, so that comparison
+  has no a-priori bound and is not made here."""
+  one, two = runs["root"] / "one", runs["root"] / "two"
+  records_one, records_two = _records(one), _records(two)
+  assert [r["step"] for r in records_one] == [4, 8, 10]
+  for r1, r2 in zip(records_one, records_two, strict=True):
+    for key in METRIC_KEYS:
+      assert r1[key] == r2[key], (r1["step"], key)
+  _assert_same_state(one, two)
+  summary_one, summary_two = _summary(runs["one"][0][0]), _summary(runs["two"][0][0])
+  assert summary_one["processes"] == 1 and summary_two["processes"] == 2
+  assert summary_one["devices"]["count"] == summary_two["devices"]["count"] == 4
+  for key in ("best_val_accuracy", "final_test_accuracy", "last_train_loss", "steps"):
+    assert summary_one[key] == summary_two[key], key
+  # Every process returns the same summary; process 0 wrote it.
+  assert _summary(runs["two"][1][0])["final_test_accuracy"] == summary_two["final_test_accuracy"]
+  assert json.loads((two / "summary.json").read_text())["processes"] == 2
+
+
+def test_only_process_zero_writes_and_no_line_twice(runs):
+  two = runs["root"] / "two"
+  for workdir in (two, runs["root"] / "resumed"):
+    assert [r["step"] for r in _records(workdir)] == [4, 8, 10]
+    assert [r["step"] for r in _records(workdir, "centers.jsonl")] == [0, 4, 8, 10]
+    _assert_tensorboard_matches(workdir)
+  assert (two / "config.json").exists()
+  (out0, err0), (out1, err1) = runs["two"]
+  assert "train:" in err0 and "train:" not in err1  # the progress bar
+  assert "SUMMARY" in out1 and "step 4 epoch" in err0 + out0 and "step 4 epoch" not in err1 + out1
+
+
+def test_stopped_two_process_run_resumes_to_the_same_end(runs):
+  resumed, two = runs["root"] / "resumed", runs["root"] / "two"
+  stopped = _summary(runs["stopped"][0][0])
+  assert stopped["completed"] is False and stopped["steps"] == 6
+  assert "Resumed from" in runs["resumed"][0][0] and "Resumed from" not in runs["resumed"][1][0]
+  for r1, r2 in zip(_records(two), _records(resumed), strict=True):
+    for key in METRIC_KEYS:
+      assert r1[key] == r2[key], (r1["step"], key)
+  _assert_same_state(two, resumed)
+  assert json.loads((resumed / "summary.json").read_text())["completed"] is True
+
+
+# ----------------------------------------------------------------------------------------------
+# TensorBoard in a single process.
+
+
+def test_tensorboard_events_hold_the_metrics_once_after_a_resume(tmp_path):
+  """Evaluations every 2 steps, checkpoints every 4, 'killed' after step 7: the events of step 6
+  are written, then redone after the restart from step 4; each step is in the files once."""
+  from experiments import train as train_lib
+
+  dataset = _synthetic_dataset()
+  config = _tiny_config(progress_bar=False, eval_every_steps=2)
+  config.stop_after_steps = 7
+  partial = train_lib.train_and_evaluate(config, tmp_path, dataset=dataset)
+  assert partial["completed"] is False
+  scalars = read_tensorboard_scalars(tmp_path / train_lib.TENSORBOARD_DIR)
+  assert [step for step, _ in scalars["val/accuracy"]] == [2, 4, 6]
+  config.stop_after_steps = -1
+  train_lib.train_and_evaluate(config, tmp_path, dataset=dataset)
+  assert [r["step"] for r in _records(tmp_path)] == [2, 4, 6, 8, 10]
+  _assert_tensorboard_matches(tmp_path)
+
+
+if __name__ == "__main__":
+  _worker(json.loads(sys.argv[1]))
