@@ -61,6 +61,7 @@ def test_the_config_files():
     "fashion_small_cnn",
     "grid",
     "paper",
+    "priors",
     "quick",
   ]
 
