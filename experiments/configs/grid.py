@@ -5,10 +5,12 @@ the 3x3 lattice around the query (Cordonnier et al. 2020, Sec. 4.2, Fig. 4)?
 
 * ``adamw`` (default): AdamW lr 3e-3, weight decay 0.05, 20 epochs, warm-up (5%) + cosine;
 * ``sgd``: the paper's recipe, SGD lr 0.1, momentum 0.9, weight decay 1e-4, warm-up + cosine;
-* ``gpsa``: the same backbone with ConViT's gated positional self-attention in every layer
+* ``gpsa``: the same network with ConViT's gated positional self-attention in every layer
   (content half + Eq. 9 positional half, gate sigma(lambda) init sigma(1); the paper's random
   centres, not ConViT's local initialisation, so that the grid can form or not by training),
-  AdamW as ``adamw``;
+  AdamW as ``adamw``, on 7x7 tokens (4x4 space-to-depth: its content half has a batch axis,
+  B x H x N x N probabilities, 16x cheaper at 7x7 than at 14x14), every epoch's checkpoint kept
+  for the gate and attention-distance trajectories;
 * ``smoke``: 20 steps on 1000 images (alone, or appended: ``sgd,smoke``).
 
 Commands (each resumes where it stopped when re-run; the analysis reads the workdir)::
@@ -39,8 +41,8 @@ has.
 Compute estimate (2-core AMD EPYC, float32, median of 5 timed training steps of batch 100):
 122 images/s for the quadratic network, so 20 epochs x 55,000 images = 1.1 M images ~ 2.5 h of
 training plus ~0.2 h of per-epoch evaluation, ~2.7 h wall (5.4 CPU hours) per recipe. ``gpsa``
-runs at 23 images/s (its content half has a batch axis: B x H x N x N probabilities), ~13 h
-wall for 20 epochs. ``smoke``: under a minute.
+runs at 23 images/s at 14x14 tokens (~13 h for 20 epochs), hence 7x7 tokens: ~150 images/s,
+~2 h wall. ``smoke``: under a minute.
 """
 
 from __future__ import annotations
@@ -93,6 +95,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.weight_decay = 0.05
   config.log_every_steps = 100
   config.keep_checkpoints = 2
+  if recipe == "gpsa":
+    config.model.downsample = 4
+    config.keep_checkpoints = config.num_epochs + 1
   if smoke:
     common.quick(config)
     config.model.num_layers = 2
