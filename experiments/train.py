@@ -617,22 +617,33 @@ def train_and_evaluate(
   num_params = count_params(abstract.params)
 
   # --- Checkpoints: resume from the latest. ---------------------------------------------------
+  # Orbax names its cross-process barriers after the step directory: the two managers, which
+  # may save the same step at once, need distinct prefixes.
   options = ocp.CheckpointManagerOptions(
-    max_to_keep=int(config.get("keep_checkpoints", 3)), create=True
+    max_to_keep=int(config.get("keep_checkpoints", 3)),
+    create=True,
+    multiprocessing_options=ocp.options.MultiprocessingOptions(
+      barrier_sync_key_prefix="checkpoints"
+    ),
   )
   manager = ocp.CheckpointManager((workdir / "checkpoints").absolute(), options=options)
-  best_manager = ocp.CheckpointManager(
-    (workdir / "best").absolute(), options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
+  best_options = ocp.CheckpointManagerOptions(
+    max_to_keep=1,
+    create=True,
+    multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix="best"),
   )
+  best_manager = ocp.CheckpointManager((workdir / "best").absolute(), options=best_options)
   latest = manager.latest_step()
   if latest is None:
-    given = None if init_variables is None else _replicate(init_variables, replicated)
-    state = jax.jit(init_fn, out_shardings=replicated)(given)
+    # Initialised once, on one device of each process, then replicated: an init with LAPACK
+    # kernels (e.g. the SVDs of a conv-initialisation) run on every CPU device at once can
+    # exhaust the shared intra-op thread pool and hang.
+    first_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    fresh = _to_host(jax.jit(init_fn, out_shardings=first_device)(init_variables))
     if config.get("mimetic_init", False):  # Trockman & Kolter; SVDs of the kernels on the host
-      params = mimetic_init(_to_host(state.params), jax.random.fold_in(init_key, 2))
-      params = _to_host(params)
-      state = state.replace(params=_replicate(params, replicated))
-      state = state.replace(opt_state=_replicate(_to_host(tx.init(params)), replicated))
+      params = _to_host(mimetic_init(fresh.params, jax.random.fold_in(init_key, 2)))
+      fresh = fresh.replace(params=params, opt_state=_to_host(tx.init(params)))
+    state = _replicate(fresh, replicated)
   else:  # No init: restore straight into the (sharded) abstract state.
     state = manager.restore(latest, args=ocp.args.StandardRestore(abstract))
     if is_main:
@@ -842,6 +853,7 @@ def train_and_evaluate(
     "num_train_examples": int(dataset.num_train),
     "completed": not stopped_early,
   }
+  summary = _broadcast_json(summary)  # process 0's timings on every process
   if stopped_early or not is_main:
     manager.close()
     best_manager.close()

@@ -5,7 +5,7 @@ TensorBoard event files.
 The multi-process runs are subprocesses on 127.0.0.1 that run this file as a worker (``python
 tests/test_distributed.py '<json>'``): ``experiments.main.initialize_distributed`` then
 ``train_and_evaluate`` on a tiny synthetic dataset with the quick config shrunk further (one
-quadratic-attention block, 10 steps). They share a persistent compilation cache.
+quadratic-attention block, 8 steps). They share a persistent compilation cache.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ METRIC_KEYS = (
   "test_loss",
   "test_accuracy",
 )
-STEPS = 10
+STEPS = 8
+EVAL_STEPS = [4, 8]
 
 
 def _synthetic_dataset():
@@ -68,7 +69,7 @@ def _synthetic_dataset():
 
 def _tiny_config(**overrides):
   """``quick.py:smoke`` shrunk: one block of 4 quadratic heads on 4x4 tokens, dropout on (its
-  keys must not depend on the process layout either), 10 steps of batch 8."""
+  keys must not depend on the process layout either), 8 steps of batch 8."""
   from experiments.configs import quick
 
   config = quick.get_config("smoke")
@@ -358,16 +359,16 @@ def test_smoke_config_with_four_devices_on_few_cores(tmp_path):
     "experiments.main",
     "--config=experiments/configs/quick.py:smoke",
     f"--workdir={tmp_path}",
-    "--config.num_train_steps=4",
-    "--config.eval_every_steps=2",
-    "--config.checkpoint_every_steps=4",
+    "--config.num_train_steps=3",
+    "--config.eval_every_steps=3",
+    "--config.checkpoint_every_steps=3",
     "--config.plot=False",
     "--config.progress_bar=False",
   ]
   result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-6000:]
   records = _records(tmp_path)
-  assert [r["step"] for r in records] == [2, 4]
+  assert [r["step"] for r in records] == [3]
   summary = json.loads((tmp_path / "summary.json").read_text())
   assert summary["devices"]["count"] == 4 and summary["completed"] is True
 
@@ -376,77 +377,73 @@ def test_smoke_config_with_four_devices_on_few_cores(tmp_path):
 # Multi-process runs.
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-  """The runs compared below, launched once: 1 process x 4 devices, 2 x 2 uninterrupted, and 2 x 2
-  stopped after 6 steps (last checkpoint: 4) then restarted."""
-  root = tmp_path_factory.mktemp("distributed")
-  cache = root / "jax_cache"
-  out = {"root": root}
-  out["one"] = _launch(root / "one", 1, 4, cache)
-  out["two"] = _launch(root / "two", 2, 2, cache)
-  out["stopped"] = _launch(root / "resumed", 2, 2, cache, stop_after_steps=6)
-  out["resumed"] = _launch(root / "resumed", 2, 2, cache)
-  return out
+def test_two_processes_match_one_process_write_once_and_resume(tmp_path):
+  """Four runs of the tiny config: 1 process x 4 CPU devices, 2 processes x 2 CPU devices, and
+  2 x 2 stopped after 6 steps (last checkpoint: 4) then restarted. One test, so that pytest-xdist
+  never launches them twice.
 
+  (a) 2 x 2 gives the metrics and final state of 1 x 4, bitwise. Why bitwise holds: the global
+  batch of a step is a function of (seed, step) only, and device d of the 4-device mesh
+  (``jax.devices()``, ordered by process) gets the same rows of it in both layouts; augmentation
+  and dropout are drawn in the jitted step from the global shape (partitionable threefry), so
+  each example's draw depends on its global position; every device runs the same SPMD program on
+  the same data; the loss and gradient all-reduces run over the same 4 gloo ranks with the same
+  ring algorithm, hence the same float32 summation order; evaluation sums are per device (no
+  collective), gathered exactly and added on the host in float64 in device order. The 1-process
+  reference runs on the same runtime (``jax.distributed`` with one process, gloo). The plain
+  single-process runtime (no ``jax.distributed``) reduces across devices with XLA's in-process
+  communicator, which adds the 4 partial sums in rank order where gloo's ring starts each chunk
+  at another rank: two orders of 4 float32 terms x_d differ by at most
+  2 * gamma_3 * sum_d |x_d| (gamma_3 = 3u / (1 - 3u), u = 2^-24) per all-reduce, and training
+  carries such differences on with no a-priori bound, so that comparison is not made here.
 
-def test_two_processes_match_one_process_bitwise(runs):
-  """2 processes x 2 CPU devices vs 1 process x 4 CPU devices: the same metrics and final
-  state, bitwise.
+  (b) Only process 0 writes: each evaluation is one line of metrics.jsonl and centers.jsonl and
+  one event per tag, and only process 0 shows the progress bar.
 
-  Why bitwise holds: the global batch of a step is a function of (seed, step) only and device
-  d of the 4-device mesh (``jax.devices()``, ordered by process) gets the same rows of it in both
-  layouts; augmentation and dropout are drawn in the jitted step from the global shape
-  (partitionable threefry), so each example's draw depends on its global position; every
-  device runs the same SPMD program on the same data; the gradient and loss all-reduces run
-  over the same 4 gloo ranks with the same ring algorithm, hence the same float32 summation
-  order; evaluation sums are per device (no collective), gathered exactly and added on the host
-  in float64 in device order. The 1-process reference uses the same runtime
-  (``jax.distributed`` with one process, gloo). The plain single-process runtime (no
-  ``jax.distributed``) reduces across its devices with XLA's in-process communicator, which adds
-  the 4 partial sums in rank order where gloo's ring starts each chunk at a different rank: each
-  all-reduce then differs by rounding (at most 2 * gamma_3 * sum_d |x_d|, gamma_3 = 3u / (1 - 3u),
-  u = 2^-24, between two orders), and training carries such differences on, so that comparison
-  has no a-priori bound and is not made here."""
-  one, two = runs["root"] / "one", runs["root"] / "two"
+  (c) The stopped 2 x 2 run, restarted, ends where the uninterrupted 2 x 2 run does, bitwise.
+  """
+  cache = tmp_path / "jax_cache"
+  one, two, resumed = tmp_path / "one", tmp_path / "two", tmp_path / "resumed"
+  out_one = _launch(one, 1, 4, cache)
+  out_two = _launch(two, 2, 2, cache)
+
+  # (a)
   records_one, records_two = _records(one), _records(two)
-  assert [r["step"] for r in records_one] == [4, 8, 10]
+  assert [r["step"] for r in records_one] == EVAL_STEPS
   for r1, r2 in zip(records_one, records_two, strict=True):
     for key in METRIC_KEYS:
       assert r1[key] == r2[key], (r1["step"], key)
   _assert_same_state(one, two)
-  summary_one, summary_two = _summary(runs["one"][0][0]), _summary(runs["two"][0][0])
+  summary_one, summary_two = _summary(out_one[0][0]), _summary(out_two[0][0])
   assert summary_one["processes"] == 1 and summary_two["processes"] == 2
   assert summary_one["devices"]["count"] == summary_two["devices"]["count"] == 4
   for key in ("best_val_accuracy", "final_test_accuracy", "last_train_loss", "steps"):
     assert summary_one[key] == summary_two[key], key
-  # Every process returns the same summary; process 0 wrote it.
-  assert _summary(runs["two"][1][0])["final_test_accuracy"] == summary_two["final_test_accuracy"]
+  assert _summary(out_two[1][0]) == summary_two  # every process returns process 0's summary
   assert json.loads((two / "summary.json").read_text())["processes"] == 2
 
+  # (b)
+  (stdout0, stderr0), (stdout1, stderr1) = out_two
+  assert "train:" in stderr0 and "train:" not in stderr1  # the progress bar
+  assert "step 4 epoch" in stdout0 + stderr0 and "step 4 epoch" not in stdout1 + stderr1
 
-def test_only_process_zero_writes_and_no_line_twice(runs):
-  two = runs["root"] / "two"
-  for workdir in (two, runs["root"] / "resumed"):
-    assert [r["step"] for r in _records(workdir)] == [4, 8, 10]
-    assert [r["step"] for r in _records(workdir, "centers.jsonl")] == [0, 4, 8, 10]
-    _assert_tensorboard_matches(workdir)
-  assert (two / "config.json").exists()
-  (out0, err0), (out1, err1) = runs["two"]
-  assert "train:" in err0 and "train:" not in err1  # the progress bar
-  assert "SUMMARY" in out1 and "step 4 epoch" in err0 + out0 and "step 4 epoch" not in err1 + out1
-
-
-def test_stopped_two_process_run_resumes_to_the_same_end(runs):
-  resumed, two = runs["root"] / "resumed", runs["root"] / "two"
-  stopped = _summary(runs["stopped"][0][0])
+  # (c)
+  stopped = _summary(_launch(resumed, 2, 2, cache, stop_after_steps=6)[0][0])
   assert stopped["completed"] is False and stopped["steps"] == 6
-  assert "Resumed from" in runs["resumed"][0][0] and "Resumed from" not in runs["resumed"][1][0]
-  for r1, r2 in zip(_records(two), _records(resumed), strict=True):
+  assert not (resumed / "summary.json").exists()
+  out_resumed = _launch(resumed, 2, 2, cache)
+  assert "Resumed from" in out_resumed[0][0] and "Resumed from" not in out_resumed[1][0]
+  for r1, r2 in zip(records_two, _records(resumed), strict=True):
     for key in METRIC_KEYS:
       assert r1[key] == r2[key], (r1["step"], key)
   _assert_same_state(two, resumed)
   assert json.loads((resumed / "summary.json").read_text())["completed"] is True
+
+  # (b) again, after the restart too
+  for workdir in (two, resumed):
+    assert [r["step"] for r in _records(workdir)] == EVAL_STEPS
+    assert [r["step"] for r in _records(workdir, "centers.jsonl")] == [0, *EVAL_STEPS]
+    _assert_tensorboard_matches(workdir)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -467,7 +464,7 @@ def test_tensorboard_events_hold_the_metrics_once_after_a_resume(tmp_path):
   assert [step for step, _ in scalars["val/accuracy"]] == [2, 4, 6]
   config.stop_after_steps = -1
   train_lib.train_and_evaluate(config, tmp_path, dataset=dataset)
-  assert [r["step"] for r in _records(tmp_path)] == [2, 4, 6, 8, 10]
+  assert [r["step"] for r in _records(tmp_path)] == [2, 4, 6, 8]
   _assert_tensorboard_matches(tmp_path)
 
 
