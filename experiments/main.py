@@ -54,63 +54,6 @@ flags.DEFINE_bool(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def initialize_distributed(
-  coordinator_address: str | None = None,
-  num_processes: int | None = None,
-  process_id: int | None = None,
-  *,
-  auto: bool = False,
-) -> bool:
-  """Starts JAX's distributed runtime if asked; call it before anything touches the devices.
-
-  Args:
-    coordinator_address: ``"HOST:PORT"`` of process 0's coordinator service.
-    num_processes: number of processes, >= 1.
-    process_id: this process's index in ``[0, num_processes)``.
-    auto: let ``jax.distributed.initialize`` detect the cluster (the three arguments above,
-      where given, override what it detects).
-
-  Returns:
-    Whether the runtime was started (False: a plain single-process run, nothing given).
-
-  Raises:
-    ValueError: if only some of the three explicit arguments are given without ``auto``, or one
-      is out of range.
-  """
-  given = {
-    "coordinator_address": coordinator_address,
-    "num_processes": num_processes,
-    "process_id": process_id,
-  }
-  if not auto and all(v is None for v in given.values()):
-    return False
-  if not auto:
-    missing = [name for name, value in given.items() if value is None]
-    if missing:
-      raise ValueError(
-        f"{missing[0]}: expected a value when any of coordinator_address, num_processes and "
-        f"process_id is given (or use --distributed to detect the cluster), got None"
-      )
-  if coordinator_address is not None:
-    host, sep, port = coordinator_address.rpartition(":")
-    if not sep or not host or not port.isdigit():
-      raise ValueError(f"coordinator_address: expected 'HOST:PORT', got {coordinator_address!r}")
-  if num_processes is not None and num_processes < 1:
-    raise ValueError(f"num_processes: expected an integer >= 1, got {num_processes}")
-  if process_id is not None:
-    upper = num_processes if num_processes is not None else None
-    if process_id < 0 or (upper is not None and process_id >= upper):
-      bound = f"[0, {upper})" if upper is not None else ">= 0"
-      raise ValueError(f"process_id: expected an integer in {bound}, got {process_id}")
-
-  import jax
-
-  # Cross-process collectives of the CPU backend (the default of recent jaxlib, set explicitly).
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(**{k: v for k, v in given.items() if v is not None})
-  return True
-
-
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
@@ -118,13 +61,13 @@ def main(argv: list[str]) -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)
   import json
 
+  from experiments.train import initialize_distributed, train_and_evaluate  # touches no device
+
   initialize_distributed(
     FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, auto=FLAGS.distributed
   )
 
   import jax
-
-  from experiments.train import train_and_evaluate
 
   print(
     f"JAX process {jax.process_index()} of {jax.process_count()}: local devices "

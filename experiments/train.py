@@ -39,6 +39,7 @@ import json
 import math
 import os
 import pathlib
+import shutil
 import time
 import types
 from collections.abc import Callable
@@ -71,6 +72,7 @@ __all__ = [
   "create_learning_rate_schedule",
   "evaluate",
   "find_params",
+  "initialize_distributed",
   "load_dataset_from_config",
   "num_train_steps",
   "train_and_evaluate",
@@ -120,6 +122,65 @@ class TrainState(flax.struct.PyTreeNode):
   correct_sum: jax.Array
   count: jax.Array
   nonfinite_step: jax.Array
+
+
+# ----------------------------------------------------------------------------------------------
+# Multi-process runtime.
+
+
+def initialize_distributed(
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+  *,
+  auto: bool = False,
+) -> bool:
+  """Starts JAX's distributed runtime if asked; call it before anything touches the devices.
+
+  Args:
+    coordinator_address: ``"HOST:PORT"`` of process 0's coordinator service.
+    num_processes: number of processes, >= 1.
+    process_id: this process's index in ``[0, num_processes)``.
+    auto: let ``jax.distributed.initialize`` detect the cluster (the three arguments above,
+      where given, override what it detects).
+
+  Returns:
+    Whether the runtime was started (False: a plain single-process run, nothing given).
+
+  Raises:
+    ValueError: if only some of the three explicit arguments are given without ``auto``, or one
+      is out of range.
+  """
+  given = {
+    "coordinator_address": coordinator_address,
+    "num_processes": num_processes,
+    "process_id": process_id,
+  }
+  if not auto and all(v is None for v in given.values()):
+    return False
+  if not auto:
+    missing = [name for name, value in given.items() if value is None]
+    if missing:
+      raise ValueError(
+        f"{missing[0]}: expected a value when any of coordinator_address, num_processes and "
+        f"process_id is given (or use --distributed to detect the cluster), got None"
+      )
+  if coordinator_address is not None:
+    host, sep, port = coordinator_address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+      raise ValueError(f"coordinator_address: expected 'HOST:PORT', got {coordinator_address!r}")
+  if num_processes is not None and num_processes < 1:
+    raise ValueError(f"num_processes: expected an integer >= 1, got {num_processes}")
+  if process_id is not None:
+    upper = num_processes if num_processes is not None else None
+    if process_id < 0 or (upper is not None and process_id >= upper):
+      bound = f"[0, {upper})" if upper is not None else ">= 0"
+      raise ValueError(f"process_id: expected an integer in {bound}, got {process_id}")
+
+  # Cross-process collectives of the CPU backend (the default of recent jaxlib, set explicitly).
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(**{k: v for k, v in given.items() if v is not None})
+  return True
 
 
 # ----------------------------------------------------------------------------------------------
@@ -627,12 +688,6 @@ def train_and_evaluate(
     ),
   )
   manager = ocp.CheckpointManager((workdir / "checkpoints").absolute(), options=options)
-  best_options = ocp.CheckpointManagerOptions(
-    max_to_keep=1,
-    create=True,
-    multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix="best"),
-  )
-  best_manager = ocp.CheckpointManager((workdir / "best").absolute(), options=best_options)
   latest = manager.latest_step()
   if latest is None:
     # Initialised once, on one device of each process, then replicated: an init with LAPACK
@@ -666,9 +721,24 @@ def train_and_evaluate(
   resume = _broadcast_json(resume)
   if resume["finished"] is not None:
     manager.close()
-    best_manager.close()
     return resume["finished"]
   history = resume["history"]
+
+  # Best-validation weights: one orbax step per improvement, thinned out by hand
+  # (_thin_best_checkpoints) only up to a committed training checkpoint, so that a resumed run
+  # always finds the best weights of the history it keeps; those saved after the checkpoint it
+  # resumes from belong to evaluations that are redone, and go.
+  best_dir = (workdir / "best").absolute()
+  if is_main:
+    _remove_checkpoint_steps(best_dir, lambda s: s > start_step)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("attnconv: stale best checkpoints removed")
+  best_options = ocp.CheckpointManagerOptions(
+    max_to_keep=None,
+    create=True,
+    multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix="best"),
+  )
+  best_manager = ocp.CheckpointManager(best_dir, options=best_options)
   writer = None
   if is_main:
     if latest is None:  # a fresh start: nothing of an earlier attempt is kept
@@ -713,7 +783,11 @@ def train_and_evaluate(
 
   def save(step: int) -> None:
     check_finite(step)
-    manager.save(step, args=ocp.args.StandardSave(state))
+    previous = manager.latest_step()
+    manager.save(step, args=ocp.args.StandardSave(state))  # commits the previous save first
+    if is_main and previous is not None:
+      best_manager.wait_until_finished()
+      _thin_best_checkpoints(best_dir, previous)
 
   # --- Loop. ----------------------------------------------------------------------------------
   bar = None
@@ -827,6 +901,8 @@ def train_and_evaluate(
       writer.close()
   manager.wait_until_finished()
   best_manager.wait_until_finished()
+  if is_main and manager.latest_step() is not None:
+    _thin_best_checkpoints(best_dir, manager.latest_step())
 
   summary = {
     "num_params": num_params,
@@ -898,6 +974,26 @@ def _write_tensorboard(writer, record: dict, flush: bool = True) -> None:
       writer.add_scalar(tag, float(value), global_step=int(record["step"]))
   if flush:
     writer.flush()
+
+
+def _checkpoint_steps(directory: pathlib.Path) -> list[int]:
+  """Steps of the committed orbax checkpoints in ``directory`` (integer-named folders)."""
+  if not directory.exists():
+    return []
+  return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def _remove_checkpoint_steps(directory: pathlib.Path, condition: Callable[[int], bool]) -> None:
+  for step in _checkpoint_steps(directory):
+    if condition(step):
+      shutil.rmtree(directory / str(step))
+
+
+def _thin_best_checkpoints(directory: pathlib.Path, upto: int) -> None:
+  """Keeps the newest best-validation checkpoint at or before step ``upto`` (a committed
+  training checkpoint) and every later one; removes the older ones."""
+  kept = [s for s in _checkpoint_steps(directory) if s <= upto]
+  _remove_checkpoint_steps(directory, lambda s: s in kept[:-1])
 
 
 def _better(value: float, best: float) -> bool:

@@ -3,7 +3,7 @@ dispatch that keeps more devices than cores from starving collective rendezvous,
 TensorBoard event files.
 
 The multi-process runs are subprocesses on 127.0.0.1 that run this file as a worker (``python
-tests/test_distributed.py '<json>'``): ``experiments.main.initialize_distributed`` then
+tests/test_distributed.py '<json>'``): ``experiments.train.initialize_distributed`` then
 ``train_and_evaluate`` on a tiny synthetic dataset with the quick config shrunk further (one
 quadratic-attention block, 8 steps). They share a persistent compilation cache.
 """
@@ -95,14 +95,12 @@ def _tiny_config(**overrides):
 def _worker(spec: dict) -> None:
   """One process of a run: ``spec`` holds the coordinator, the process index and count, the
   workdir and config overrides."""
-  from experiments import main as main_lib
+  from experiments import train as train_lib
 
-  main_lib.initialize_distributed(
+  train_lib.initialize_distributed(
     spec["coordinator_address"], spec["num_processes"], spec["process_id"]
   )
   import jax
-
-  from experiments import train as train_lib
 
   assert jax.process_count() == spec["num_processes"]
   summary = train_lib.train_and_evaluate(
@@ -325,14 +323,14 @@ def test_eval_batches_rows_are_the_rows_of_the_padded_batches():
   ],
 )
 def test_initialize_distributed_rejects_bad_flags(kwargs, message):
-  from experiments.main import initialize_distributed
+  from experiments.train import initialize_distributed
 
   with pytest.raises(ValueError, match=message):
     initialize_distributed(**kwargs)
 
 
 def test_initialize_distributed_without_flags_is_a_single_process_run():
-  from experiments.main import initialize_distributed
+  from experiments.train import initialize_distributed
 
   assert initialize_distributed() is False
 
@@ -342,10 +340,10 @@ def test_initialize_distributed_without_flags_is_a_single_process_run():
 
 
 def test_smoke_config_with_four_devices_on_few_cores(tmp_path):
-  """``quick.py:smoke`` (shortened) in one process with 4 CPU devices: every execution with
-  collectives used to be dispatched before any result was read, and the queued rendezvous
-  starved each other on a 2-core machine (abort after 40 s); the host now runs at most
-  ``MAX_INFLIGHT`` executions ahead and evaluation has no collective but one final gather."""
+  """``quick.py:smoke`` (shortened) in one process with 4 CPU devices, on a machine with fewer
+  cores: executions with collectives queued without bound starve each other's rendezvous (XLA
+  aborts after 40 s), so the host keeps at most ``MAX_INFLIGHT`` of them in flight, and the
+  evaluation (105 batches here) has no collective but one final gather."""
   from experiments import input_pipeline
 
   try:

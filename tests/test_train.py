@@ -341,3 +341,28 @@ def test_vit_with_mimetic_init_trains_and_starts_from_the_mimetic_kernels(tmp_pa
   _, plain_state = _restore_latest(tmp_path / "plain")
   pq = plain_state["params"]["block_0"]["attention"]["query"]["kernel"]
   assert not np.allclose(np.asarray(pq), wq)
+
+
+def test_resume_drops_best_checkpoints_saved_after_the_last_checkpoint(tmp_path, dataset):
+  """Evaluations every 2 steps, checkpoints every 4, stopped after 7: a best-validation
+  checkpoint of step 6 (made certain here by a copy) belongs to an evaluation that the resumed
+  run redoes; it is removed at the restart, the best weights up to step 4 are kept, and the
+  newest best checkpoint at the end is the summary's best step."""
+  import shutil
+
+  config = _config(eval_every_steps=2, stop_after_steps=7)
+  train_lib.train_and_evaluate(config, tmp_path, dataset=dataset)
+  best_dir = tmp_path / "best"
+  steps = sorted(int(p.name) for p in best_dir.iterdir() if p.name.isdigit())
+  assert steps and max(steps) <= 6
+  if 6 not in steps:
+    shutil.copytree(best_dir / str(max(steps)), best_dir / "6")
+  config.stop_after_steps = -1
+  summary = train_lib.train_and_evaluate(config, tmp_path, dataset=dataset)
+  assert summary["completed"] is True
+  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in records] == [2, 4, 6, 8, 10, 12]
+  best = max(records, key=lambda r: r["val_accuracy"])
+  assert summary["best_val_step"] == best["step"]
+  with ocp.CheckpointManager(best_dir.absolute()) as manager:
+    assert manager.latest_step() == best["step"]
