@@ -232,6 +232,91 @@ def analyse_run(
   }
 
 
+def checkpoint_trajectories(workdir: str | os.PathLike, num_images: int = 100) -> dict[str, Any]:
+  """Per layer, the gate ``sigmoid(lambda_h)`` (GPSA layers) and the attention distance of every
+  head at initialisation and at every kept training checkpoint, on the first ``num_images``
+  test images (each block's maps of its own input)."""
+  import jax
+  import orbax.checkpoint as ocp
+
+  from experiments import receptive_field as rf
+
+  workdir = pathlib.Path(workdir)
+  config, dataset, model, images, grid = rf._load_run(workdir, num_images)
+  snapshots = [(0, rf.initial_variables(config, model, dataset.image_shape))]
+  with ocp.CheckpointManager((workdir / "checkpoints").absolute()) as manager:
+    for step in sorted(manager.all_steps()):
+      restored = manager.restore(step, args=ocp.args.StandardRestore())
+      variables = {"params": restored["params"]}
+      if restored.get("batch_stats"):
+        variables["batch_stats"] = restored["batch_stats"]
+      snapshots.append((int(step), variables))
+  if len(snapshots) < 2:
+    raise ValueError(f"workdir: expected training checkpoints in {workdir}, found none")
+  distances: dict[int, list] = {}
+  gates: dict[int, list] = {}
+  for step, variables in snapshots:
+    probs = rf._sown_probabilities(model, variables, images)
+    for layer, d in enumerate(rf.layer_attention_distances(probs, grid)):
+      distances.setdefault(layer, []).append([step, np.round(d, 4).tolist()])
+    params = jax.device_get(variables["params"])
+    for layer in range(len(probs)):
+      attention = params.get(f"block_{layer}", {}).get("attention", {})
+      if "gate" in attention:
+        gate = 1.0 / (1.0 + np.exp(-np.asarray(attention["gate"], np.float64)))
+        gates.setdefault(layer, []).append([step, np.round(gate, 4).tolist()])
+  return {
+    "tokens": list(grid),
+    "images": int(num_images),
+    "layers": [
+      {
+        "layer": f"block_{layer}",
+        "attention_distance_trajectory": distances[layer],
+        **({"gate_trajectory": gates[layer]} if layer in gates else {}),
+      }
+      for layer in sorted(distances)
+    ],
+  }
+
+
+def plot_trajectories(trajectories: Mapping[str, Any], path: str | os.PathLike) -> pathlib.Path:
+  """ConViT's picture of layers leaving locality: per layer, the mean gate ``sigmoid(lambda)``
+  and the mean attention distance (with the heads' range) against the training step."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  layers = trajectories["layers"]
+  has_gate = any("gate_trajectory" in layer for layer in layers)
+  fig, axes = plt.subplots(1, 2 if has_gate else 1, figsize=(9 if has_gate else 4.8, 3.4))
+  axes = np.atleast_1d(axes)
+  for i, layer in enumerate(layers):
+    color = f"C{i}"
+    steps = np.array([t[0] for t in layer["attention_distance_trajectory"]])
+    d = np.array([t[1] for t in layer["attention_distance_trajectory"]])
+    axes[0].plot(steps, d.mean(1), "-o", color=color, markersize=3, label=layer["layer"])
+    axes[0].fill_between(steps, d.min(1), d.max(1), color=color, alpha=0.15)
+    if "gate_trajectory" in layer:
+      g = np.array([t[1] for t in layer["gate_trajectory"]])
+      gs = np.array([t[0] for t in layer["gate_trajectory"]])
+      axes[1].plot(gs, g.mean(1), "-o", color=color, markersize=3, label=layer["layer"])
+      axes[1].fill_between(gs, g.min(1), g.max(1), color=color, alpha=0.15)
+  axes[0].set_xlabel("step")
+  axes[0].set_ylabel("attention distance (tokens)")
+  axes[0].legend(fontsize=7)
+  if has_gate:
+    axes[1].set_xlabel("step")
+    axes[1].set_ylabel("gate sigmoid(lambda): positional share")
+    axes[1].set_ylim(0, 1)
+  fig.tight_layout()
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
 def plot(result: Mapping[str, Any], path: str | os.PathLike) -> pathlib.Path:
   """Per layer: each head's attention around the centre query at initialisation and at the end
   (50% solid / 90% dotted contours at token resolution), and the centres' trajectories with the
@@ -295,6 +380,12 @@ def _define_flags() -> None:
   flags.DEFINE_integer("null_draws", 2000, "Draws of the initialisation's lattice distance.")
   flags.DEFINE_float("max_lattice_distance", MAX_LATTICE_DISTANCE, "Criterion (tokens).")
   flags.DEFINE_float("min_peak_mass", MIN_PEAK_MASS, "Criterion (median over heads).")
+  flags.DEFINE_list(
+    "trajectory_workdirs",
+    [],
+    "Workdirs whose kept checkpoints give gate and attention-distance trajectories "
+    "(written under 'trajectories' and plotted to <plot stem>_trajectories_<i>.png).",
+  )
 
 
 def main(argv: list[str]) -> None:
@@ -307,6 +398,9 @@ def main(argv: list[str]) -> None:
   result = dict(runs[0])
   result["criterion"] = criterion
   result["other_runs"] = runs[1:]
+  result["trajectories"] = [
+    {"workdir": w, **checkpoint_trajectories(w)} for w in FLAGS.trajectory_workdirs
+  ]
   out = pathlib.Path(FLAGS.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(result, indent=1) + "\n")
@@ -316,6 +410,9 @@ def main(argv: list[str]) -> None:
       stem = pathlib.Path(FLAGS.plot)
       tag = f"{run.get('encoding')}_{run.get('optimizer')}"
       plot(run, stem.with_name(f"{stem.stem}_{tag}{stem.suffix}"))
+    for i, trajectories in enumerate(result["trajectories"]):
+      stem = pathlib.Path(FLAGS.plot)
+      plot_trajectories(trajectories, stem.with_name(f"{stem.stem}_trajectories_{i}{stem.suffix}"))
   for run in runs:
     print(run["workdir"], "formed" if run["formed"] else "not formed")
     for layer in run["layers"]:

@@ -146,3 +146,25 @@ def test_grid_config_recipes(arg):
   assert config.optimizer == ("sgd" if arg.startswith("sgd") else "adamw")
   if "smoke" not in arg:
     assert config.num_epochs >= 20 and config.dataset.crop_padding == 2 and config.dataset.flip
+
+
+def test_gpsa_trajectories_from_kept_checkpoints(tmp_path, monkeypatch):
+  """Gates start at sigmoid(1) (ConViT) and every kept checkpoint adds one point per layer."""
+  dataset = _synthetic(40)
+  monkeypatch.setattr(train_lib, "load_dataset_from_config", lambda config: dataset)
+  config = grid_config.get_config("gpsa,smoke")
+  assert config.model.encoding == "gpsa" and config.model.downsample == 4
+  config.num_train_steps, config.eval_every_steps, config.checkpoint_every_steps = 2, 1, 1
+  config.keep_checkpoints = 3
+  config.batch_size, config.progress_bar, config.plot = 8, False, False
+  config.model.hidden_size, config.model.mlp_dim, config.model.num_layers = 8, 8, 2
+  train_lib.train_and_evaluate(config, tmp_path, dataset=dataset)
+  traj = gf.checkpoint_trajectories(tmp_path, num_images=5)
+  assert traj["tokens"] == [7, 7] and len(traj["layers"]) == 2
+  for layer in traj["layers"]:
+    assert [t[0] for t in layer["gate_trajectory"]] == [0, 1, 2]
+    np.testing.assert_allclose(layer["gate_trajectory"][0][1], 1 / (1 + np.exp(-1.0)), atol=1e-4)
+    assert [t[0] for t in layer["attention_distance_trajectory"]] == [0, 1, 2]
+    assert all(len(t[1]) == 9 for t in layer["attention_distance_trajectory"])
+  gf.plot_trajectories(traj, tmp_path / "traj.png")
+  assert (tmp_path / "traj.png").stat().st_size > 1000
