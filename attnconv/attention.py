@@ -335,8 +335,12 @@ def relative_attention(
       :func:`jax.nn.dot_product_attention` when the values have the keys' shape per head.
     gate: ``(H,)`` gating parameters ``lambda_h`` of gated positional self-attention (GPSA,
       d'Ascoli et al. 2021; needs content and position scores): the probabilities are
-      ``(1 - sigmoid(lambda_h)) softmax(content) + sigmoid(lambda_h) softmax(position)``,
-      renormalised over keys, instead of the softmax of the sum.
+      ``sigmoid(-lambda_h) softmax(content) + sigmoid(lambda_h) softmax(position)``,
+      renormalised over keys, instead of the softmax of the sum. The content weight is computed
+      as ``sigmoid(-lambda_h)``, not ``1 - sigmoid(lambda_h)``: the same function, but exact in
+      the tail, so a large gate (e.g. 17: weight 4e-8, below float32 resolution of the output)
+      keeps a non-zero gradient to the gate and the content projections, where ``1 - sigmoid``
+      would round to exactly 0 and cut them off for good.
     return_probs: also return the probabilities (before dropout): ``(H, Nq, Nk)`` when the
       scores have no batch axis, else ``(B, H, Nq, Nk)``. The output is computed the same way
       either way.
@@ -373,9 +377,13 @@ def relative_attention(
   if gate is not None:  # GPSA: a per-head convex combination of two softmaxes
     position = position_probs(position_logits)
     position = position.reshape((-1, *position.shape[-3:]))  # (1 | B, H, Nq, Nk)
-    g = jax.nn.sigmoid(gate.astype(jnp.float32)).reshape(1, -1, 1, 1)
+    lam = gate.astype(jnp.float32).reshape(1, -1, 1, 1)
     content_probs = softmax(enc.content_logits(query, key).astype(jnp.float32))
-    mixed = (1.0 - g) * content_probs + g * position.astype(jnp.float32)
+    # sigmoid(-lam), not 1 - sigmoid(lam): exact in the tail, so the content half of a gate
+    # opened to sigmoid(lam) = 1 in float32 still gets (tiny, non-zero) gradients.
+    mixed = jax.nn.sigmoid(-lam) * content_probs + jax.nn.sigmoid(lam) * position.astype(
+      jnp.float32
+    )
     probs = mixed / jnp.sum(mixed, axis=-1, keepdims=True)
     heads = aggregate(dropout(probs).astype(values.dtype), values, precision=precision)
     y = project(heads, kernel, precision=precision)

@@ -147,3 +147,70 @@ def test_resnet18_closed_form_matches_pins():
   assert _resnet18_closed_form(64, 3, 10) == 11_173_962
   assert _resnet18_closed_form(64, 3, 100) == 11_220_132
   assert _resnet18_closed_form(16, 1, 10) == 701_178
+
+
+# ----------------------------------------------------------------------------------------------
+# AttentionCNN: which convolutions become attention, and the GPSA encoding.
+
+
+def _attention_cnn(**kwargs):
+  from attnconv.models.cnn import AttentionCNN
+
+  return AttentionCNN(features=(4, 8, 8), pool="flatten", downsample=2, **kwargs)
+
+
+@pytest.mark.parametrize(
+  "encoding, layers",
+  [("gpsa", ("conv3",)), ("gpsa", ("conv1", "conv3")), ("quadratic", ("conv2",)), ("gpsa", None)],
+)
+def test_attention_cnn_converts_only_the_chosen_layers(encoding, layers):
+  model = _attention_cnn(encoding=encoding, attention_layers=layers)
+  params = _abstract_variables(model, (1, 28, 28, 1))["params"]
+  cnn_params = _abstract_variables(
+    SmallCNN(features=(4, 8, 8), pool="flatten", downsample=2), (1, 28, 28, 1)
+  )["params"]
+  chosen = ("conv1", "conv2", "conv3") if layers is None else layers
+  content = {"query", "key", "gate"} if encoding == "gpsa" else set()
+  for name in ("conv1", "conv2", "conv3"):
+    if name in chosen:
+      assert set(params[name]) == {"centers", "alpha", "out"} | content
+      c_in, c_out = cnn_params[name]["kernel"].shape[2:]
+      assert params[name]["out"]["kernel"].shape == (9, c_in, c_out)
+      if encoding == "gpsa":
+        assert params[name]["gate"].shape == (9,)
+        assert params[name]["query"]["kernel"].shape == (c_in, 9, 8)
+    else:  # a stock convolution with SmallCNN's name and shape: the CNN's kernel loads
+      assert params[name] == cnn_params[name]
+  for name in ("bn1", "bn2", "bn3", "classifier"):
+    assert params[name] == cnn_params[name]
+  # Stock nn.Conv runs exactly for the layers left as convolutions.
+  assert _conv_call_count(model, (1, 28, 28, 1)) == 3 - len(chosen)
+
+
+def test_gpsa_attention_cnn_from_scratch_local_init_and_training_step(key):
+  model = _attention_cnn(
+    encoding="gpsa", attention_layers=("conv3",), locality_strength=1.0, gate_init=1.0
+  )
+  images = jax.random.normal(key, (4, 28, 28, 1))
+  variables = model.init(key, images, train=False)
+  layer = variables["params"]["conv3"]
+  lattice = np.array([[i, j] for i in (-1, 0, 1) for j in (-1, 0, 1)], np.float32)
+  np.testing.assert_array_equal(layer["centers"], lattice)
+  np.testing.assert_array_equal(layer["alpha"], np.ones(9, np.float32))
+  np.testing.assert_array_equal(layer["gate"], np.ones(9, np.float32))
+  logits, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
+  assert logits.shape == (4, 10) and np.isfinite(np.asarray(logits)).all()
+  assert set(updates["batch_stats"]) == {"bn1", "bn2", "bn3"}
+
+
+def test_attention_cnn_bad_fields():
+  x = jnp.zeros((1, 28, 28, 1))
+  cases = [
+    ({"encoding": "content"}, ValueError, "encoding: expected one of"),
+    ({"attention_layers": ("conv4",)}, ValueError, "attention_layers: expected"),
+    ({"attention_layers": ()}, ValueError, "attention_layers: expected"),
+    ({"attention_layers": "conv3"}, TypeError, "attention_layers: expected"),
+  ]
+  for kwargs, error, match in cases:
+    with pytest.raises(error, match=f"^{match}"):
+      _attention_cnn(**kwargs).init(jax.random.key(0), x, train=False)

@@ -210,3 +210,174 @@ def test_shared_backbone_quadratic_vit_converts():
     assert new[f"block_{i}"]["attention"]["value"]["kernel"].shape == (18, 9, 2)
   chex.assert_trees_all_equal(new["classifier"], params["classifier"])
   assert np.isfinite(model.apply({"params": new}, x)).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# T-CNN: a trained SmallCNN whose last stage becomes GPSA with the content half gated off.
+# ----------------------------------------------------------------------------------------------
+
+F32_EPS = float(np.finfo(np.float32).eps)
+TCNN_FEATURES = (4, 8, 8)
+
+
+def _trained_like_cnn(seed: int = 0):
+  """A SmallCNN (2x2 space-to-depth, flatten head) with random BatchNorm statistics and affine
+  parameters, as after training, and a batch of images."""
+  from attnconv.models.cnn import SmallCNN
+
+  cnn = SmallCNN(features=TCNN_FEATURES, pool="flatten", downsample=2)
+  x = jax.random.normal(jax.random.key(seed), (6, 28, 28, 1))
+  variables = flax.core.unfreeze(cnn.init(jax.random.key(seed + 1), x))
+  rng = np.random.default_rng(seed)
+  for name, stats in variables["batch_stats"].items():
+    n = stats["mean"].shape[0]
+    stats["mean"] = jnp.asarray(rng.normal(0.0, 0.3, n), jnp.float32)
+    stats["var"] = jnp.asarray(rng.uniform(0.5, 2.0, n), jnp.float32)
+    variables["params"][name]["scale"] = jnp.asarray(1 + rng.normal(0.0, 0.2, n), jnp.float32)
+    variables["params"][name]["bias"] = jnp.asarray(rng.normal(0.0, 0.2, n), jnp.float32)
+  return cnn, variables, x
+
+
+def _tcnn(**kwargs):
+  from attnconv.models.cnn import AttentionCNN
+
+  return AttentionCNN(
+    features=TCNN_FEATURES,
+    pool="flatten",
+    downsample=2,
+    encoding="gpsa",
+    attention_layers=("conv3",),
+    **kwargs,
+  )
+
+
+@pytest.mark.parametrize("gate_init", [17.0, 20.0])
+def test_transformed_cnn_logits_equal_the_cnns_at_step_0(gate_init):
+  """The T-CNN's conv3 output differs from the convolution's by at most
+
+    |dy[b, q, i]| <= (2 (w_c + m) + 2 n eps) A[b, i],   A[b, i] = sum_h max_k (|x_k| |W_h|)_i
+
+  (each head's probabilities are at L1 distance <= 2 (w_c + m) from the one-hot of its shift:
+  content weight w_c = sigmoid(-gate), positional off-target mass m <= (M - 1) e^{-alpha} over
+  M = 81 keys; both sides' float32 sums of at most n = 9 C + M + 8 terms round by <= n eps of
+  their absolute sums). BatchNorm (eval) scales it by |gamma| / sqrt(var + 1e-5) (plus its own
+  rounding, 8 eps of its terms per side), ReLU is 1-Lipschitz, the classifier sums |W| |dz| (plus
+  its rounding, F + 1 terms per side)."""
+  from attnconv.bounds import offtarget_mass_bound
+  from attnconv.models.conv_init import transformed_cnn_from_cnn
+
+  cnn, variables, x = _trained_like_cnn()
+  alpha = 20.0
+  converted = transformed_cnn_from_cnn(variables, alpha=alpha, gate_init=gate_init)
+  tcnn = _tcnn()
+  ref, inter = cnn.apply(variables, x, capture_intermediates=True, mutable=["intermediates"])
+  got, inter_t = tcnn.apply(converted, x, capture_intermediates=True, mutable=["intermediates"])
+  inter, inter_t = inter["intermediates"], inter_t["intermediates"]
+  f64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
+
+  # conv3's input, its kernel slices, the layer-level bound.
+  x3 = np.maximum(f64(inter["bn2"]["__call__"][0]), 0.0)
+  b, c_in = x3.shape[0], x3.shape[-1]
+  w = f64(variables["params"]["conv3"]["kernel"]).reshape(9, c_in, -1)
+  keys = 81  # the 7x7 map padded by 1
+  a = np.einsum("bkc,hco->bkho", np.abs(x3.reshape(b, -1, c_in)), np.abs(w)).max(1).sum(1)
+  w_c = 1.0 / (1.0 + math.exp(gate_init))
+  m = offtarget_mass_bound(alpha, keys)
+  n = 9 * c_in + keys + 8
+  dy_bound = (2 * (w_c + m) + 2 * n * F32_EPS) * a[:, None, None, :]
+  y_conv, y_att = f64(inter["conv3"]["__call__"][0]), f64(inter_t["conv3"]["__call__"][0])
+  assert np.all(np.abs(y_att - y_conv) <= dy_bound)
+
+  # Through BatchNorm (eval), ReLU and the classifier to the logits.
+  bn = variables["params"]["bn3"]
+  stats = variables["batch_stats"]["bn3"]
+  gain = f64(bn["scale"]) / np.sqrt(f64(stats["var"]) + 1e-5)
+  z = f64(inter["bn3"]["__call__"][0])
+  dz_bound = np.abs(gain) * dy_bound + 2 * 8 * F32_EPS * (
+    np.abs(gain) * (np.abs(y_conv) + np.abs(f64(stats["mean"]))) + np.abs(f64(bn["bias"]))
+  )
+  r = np.maximum(z, 0.0).reshape(b, -1)
+  kernel = f64(variables["params"]["classifier"]["kernel"])
+  bias = f64(variables["params"]["classifier"]["bias"])
+  n2 = kernel.shape[0] + 1
+  logit_bound = dz_bound.reshape(b, -1) @ np.abs(kernel) + 2 * n2 * F32_EPS * (
+    (r + dz_bound.reshape(b, -1)) @ np.abs(kernel) + np.abs(bias)
+  )
+  diff = np.abs(f64(got) - f64(ref))
+  assert np.all(diff <= logit_bound), (diff.max(), logit_bound.min())
+  # The gate's and alpha's leakages are below the float32 rounding of the layer's sums, and the
+  # whole bound is small against the logits: the same predictions.
+  assert w_c + m <= n * F32_EPS
+  assert logit_bound.max() <= 1e-2 * np.abs(f64(ref)).max()
+  assert diff.max() <= 1e-5 * np.abs(f64(ref)).max()
+  np.testing.assert_array_equal(np.argmax(got, -1), np.argmax(ref, -1))
+  # Structure: positional half from conv_to_attention, the gate, the other layers untouched.
+  layer = converted["params"]["conv3"]
+  np.testing.assert_array_equal(layer["centers"], construction.conv_head_offsets((3, 3)))
+  np.testing.assert_array_equal(layer["alpha"], np.full(9, alpha, np.float32))
+  np.testing.assert_array_equal(layer["out"]["kernel"], w.astype(np.float32))
+  np.testing.assert_array_equal(layer["gate"], np.full(9, gate_init, np.float32))
+  assert layer["query"]["kernel"].shape == layer["key"]["kernel"].shape == (c_in, 9, 8)
+  for name in ("conv1", "conv2", "bn3", "classifier"):
+    chex.assert_trees_all_equal(converted["params"][name], variables["params"][name])
+  chex.assert_trees_all_equal(converted["batch_stats"], variables["batch_stats"])
+
+
+@pytest.mark.parametrize("gate_init", [17.0, 20.0])
+def test_transformed_cnn_gradients_reach_the_gate_and_the_content(gate_init):
+  """sigmoid(20) is exactly 1.0 in float32, yet the gate, the query and the key kernels get
+  non-zero gradients (through sigmoid(-gate) = 2e-9), and one Adam step moves them."""
+  import optax
+
+  from attnconv.models.conv_init import transformed_cnn_from_cnn
+
+  _, variables, x = _trained_like_cnn(1)
+  converted = transformed_cnn_from_cnn(variables, gate_init=gate_init, rng=jax.random.key(3))
+  tcnn = _tcnn()
+  labels = jnp.arange(x.shape[0]) % 10
+
+  def loss(params):
+    logits, _ = tcnn.apply(
+      {"params": params, "batch_stats": converted["batch_stats"]},
+      x,
+      train=True,
+      mutable=["batch_stats"],
+    )
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+  params = converted["params"]
+  grads = jax.jit(jax.grad(loss))(params)
+  layer = grads["conv3"]
+  assert np.all(np.isfinite(layer["gate"])) and np.all(layer["gate"] != 0)
+  for name in ("query", "key"):
+    assert np.any(layer[name]["kernel"] != 0), name
+  tx = optax.adam(1e-3)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  new = optax.apply_updates(params, updates)
+  assert np.all(new["conv3"]["gate"] != params["conv3"]["gate"])
+  for name in ("query", "key"):
+    assert np.any(new["conv3"][name]["kernel"] != params["conv3"][name]["kernel"]), name
+
+
+def test_transformed_cnn_errors():
+  from attnconv.models.conv_init import transformed_cnn_from_cnn
+
+  _, variables, _ = _trained_like_cnn()
+  cases = [
+    ({"layers": ("conv4",)}, ValueError, "layers"),
+    ({"layers": ()}, ValueError, "layers"),
+    ({"layers": "conv3"}, TypeError, "layers"),
+    ({"alpha": 0.0}, ValueError, "alpha"),
+    ({"gate_init": float("nan")}, ValueError, "gate_init"),
+    ({"gate_init": "17"}, TypeError, "gate_init"),
+    ({"qk_features": 0}, ValueError, "qk_features"),
+  ]
+  for kwargs, error, name in cases:
+    with pytest.raises(error, match=f"^{name}: expected"):
+      transformed_cnn_from_cnn(variables, **kwargs)
+  # Every convolution can be converted; the result loads into the matching AttentionCNN.
+  every = transformed_cnn_from_cnn(variables, layers=("conv1", "conv2", "conv3"))
+  assert all("gate" in every["params"][f"conv{i}"] for i in (1, 2, 3))
+  model = _tcnn().clone(attention_layers=None)
+  expected = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1))))
+  assert jax.tree.map(jnp.shape, expected) == jax.tree.map(jnp.shape, every)

@@ -236,41 +236,78 @@ class SmallCNN(nn.Module):
 
 
 class AttentionCNN(SmallCNN):
-  """:class:`SmallCNN` with every 3x3 convolution replaced by 9-head self-attention.
+  """:class:`SmallCNN` with its 3x3 convolutions (all, or ``attention_layers``) replaced by 9-head
+  self-attention.
 
-  Layer ``conv{i}`` is a :class:`attnconv.layers.MultiHeadRelativeAttention` with the grids of
-  the convolution it replaces (padding 1, stride 1 or 2, queries at the centres of their 3x3
-  windows), parameters ``centers (9, 2)``, ``alpha (9,)`` and ``out`` (no bias), and for
-  ``encoding="quadratic_content"`` also ``query``/``key`` projections. Its parameters are those
-  of :func:`attnconv.construction.conv_to_attention` (see
-  :func:`attnconv.models.conv_init.attention_cnn_from_cnn`), so a trained SmallCNN converts into
-  it and can then be fine-tuned as free attention: centres, ``alpha`` and content all trainable.
+  An attention layer ``conv{i}`` is a :class:`attnconv.layers.MultiHeadRelativeAttention` with
+  the grids of the convolution it replaces (padding 1, stride 1 or 2, queries at the centres of
+  their 3x3 windows), parameters ``centers (9, 2)``, ``alpha (9,)`` and ``out`` (no bias); for
+  ``encoding="quadratic_content"`` also ``query``/``key`` projections; for ``encoding="gpsa"``
+  (ConViT's gated positional self-attention, d'Ascoli et al. 2021) ``query``/``key`` and the
+  per-head ``gate``: probabilities ``sigmoid(-gate) softmax(q.k) + sigmoid(gate) softmax(Eq. 9)``.
+  The layers not in ``attention_layers`` stay ``nn.Conv`` with SmallCNN's names, so a SmallCNN's
+  parameters load into them unchanged.
+
+  Its attention parameters are those of :func:`attnconv.construction.conv_to_attention`, so a
+  trained SmallCNN converts into it and can then be fine-tuned as free attention (centres,
+  ``alpha`` and content trainable): :func:`attnconv.models.conv_init.attention_cnn_from_cnn`
+  (every layer, quadratic encodings) and
+  :func:`attnconv.models.conv_init.transformed_cnn_from_cnn` (chosen layers as GPSA with the
+  content half gated off: the T-CNN of d'Ascoli et al. 2021, "Transformed CNNs").
 
   Attributes (besides :class:`SmallCNN`'s):
-    encoding: ``"quadratic"`` (position only; separable fast path) or ``"quadratic_content"``.
+    encoding: ``"quadratic"`` (position only; separable fast path), ``"quadratic_content"`` or
+      ``"gpsa"`` (dense).
     qk_features: per-head query/key size of the content term.
+    attention_layers: names of the convolutions that become attention (e.g. ``("conv3",)``, the
+      last stage); ``None``: all of them.
+    gate_init: initial ``gate`` of ``"gpsa"`` layers (ConViT: 1) when initialised from scratch.
+    locality_strength: ``None`` (centres ``N(0, 2^2)``, alpha about 1) or ConViT's local
+      initialisation from scratch: centres on the 3x3 lattice, ``alpha = locality_strength``.
   """
 
   encoding: str = "quadratic"
   qk_features: int = 8
+  attention_layers: tuple[str, ...] | None = None
+  gate_init: float = 1.0
+  locality_strength: float | None = None
+
+  def _check_attention_layers(self) -> None:
+    names = tuple(f"conv{i + 1}" for i in range(len(self.features)))
+    layers = self.attention_layers
+    if layers is None:
+      return
+    if isinstance(layers, str) or not isinstance(layers, tuple | list):
+      raise TypeError(
+        f"attention_layers: expected None or a tuple of names from {names}, got {layers!r}"
+      )
+    if not layers or any(name not in names for name in layers):
+      raise ValueError(
+        f"attention_layers: expected None or a non-empty tuple of names from {names}, got "
+        f"{tuple(layers)!r}"
+      )
 
   def _conv(self, features: int, stride: int, name: str) -> nn.Module:
     from attnconv.layers import MultiHeadRelativeAttention
 
-    if self.encoding not in ("quadratic", "quadratic_content"):
-      raise ValueError(
-        f"encoding: expected 'quadratic' or 'quadratic_content', got {self.encoding!r}"
-      )
+    encodings = ("quadratic", "quadratic_content", "gpsa")
+    if self.encoding not in encodings:
+      raise ValueError(f"encoding: expected one of {encodings}, got {self.encoding!r}")
+    self._check_attention_layers()
+    if self.attention_layers is not None and name not in self.attention_layers:
+      return super()._conv(features, stride, name)
     return MultiHeadRelativeAttention(
       num_heads=9,
       encoding=self.encoding,
       out_features=features,
-      qk_features=self.qk_features if self.encoding == "quadratic_content" else None,
+      qk_features=self.qk_features if self.encoding != "quadratic" else None,
       sharpness_param="alpha",
       implementation="separable" if self.encoding == "quadratic" else "dense",
       strides=stride,
       padding=((1, 1), (1, 1)),
       query_window=3,
+      locality_strength=self.locality_strength,
+      gate_init=self.gate_init,
       use_bias=False,
       dtype=self.dtype,
       param_dtype=self.param_dtype,

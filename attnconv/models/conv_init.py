@@ -236,3 +236,99 @@ def attention_cnn_from_cnn(
   if "batch_stats" in variables:
     out["batch_stats"] = variables["batch_stats"]
   return out
+
+
+def transformed_cnn_from_cnn(
+  variables: Mapping[str, Any],
+  *,
+  layers: tuple[str, ...] = ("conv3",),
+  alpha: float = 20.0,
+  gate_init: float = 17.0,
+  qk_features: int = 8,
+  rng: jax.Array | None = None,
+) -> dict:
+  """A trained :class:`SmallCNN` as a T-CNN: chosen convolutions become GPSA, content gated off.
+
+  The Transformed CNN of d'Ascoli et al. (2021, "Transformed CNNs: recasting pre-trained
+  convolutional layers with self-attention"): each layer in ``layers`` (by default the last
+  stage, ``conv3``) becomes the gated positional self-attention (GPSA) layer of an
+  :class:`AttentionCNN` with ``encoding="gpsa"`` and ``attention_layers=layers``:
+
+  * positional half: :func:`attnconv.construction.conv_to_attention` of the kernel at sharpness
+    ``alpha`` (centres on the kernel shifts, ``alpha``, out kernel = the kernel's slices);
+  * content half: ``query`` and ``key`` kernels ``(C_in, 9, qk_features)`` drawn LeCun normal
+    from ``rng``, biases 0;
+  * gate ``lambda_0 = gate_init`` for every head: the layer mixes
+    ``sigmoid(-lambda) softmax(q.k) + sigmoid(lambda) softmax(Eq. 9)``.
+
+  Every other parameter (the other convolutions, BatchNorm and its statistics, the classifier)
+  is copied. The network's outputs are then those of the CNN up to two leakages, each below the
+  float32 resolution of the layer's output with the defaults: the content weight
+  ``sigmoid(-17) = 4.1e-8 < 2^-24 = 6.0e-8``, and the positional off-target mass, at most
+  ``(M - 1) e^{-alpha}`` over ``M`` keys (:func:`attnconv.bounds.offtarget_mass_bound`; about
+  ``4 e^{-20} = 8.2e-9`` from the four lattice neighbours). Neither is exactly 0, so the
+  gradients to the gate, the query/key kernels, the centres and ``alpha`` are non-zero (the GPSA
+  mixing computes ``sigmoid(-lambda)`` directly, exact in the tail); they are of the order of the
+  leakages. Adam's per-parameter normalisation turns such gradients into updates of up to the
+  learning rate per step (less where they fall below Adam's ``eps``), so the gate can open only
+  as fast as the learning rate moves it: ``lambda`` falls by at most about the sum of the
+  learning rates over the run (plus decoupled weight decay), e.g. 2.75 over 5500 steps of a
+  warm-up-cosine schedule peaking at 1e-3. A lower ``gate_init`` trades exact equivalence at step
+  0 for a content half that can grow within the run.
+
+  Args:
+    variables: ``{'params': ..., 'batch_stats': ...}`` of a SmallCNN.
+    layers: names of the convolutions to convert (``conv1``, ``conv2``, ...; 3x3 kernels).
+    alpha: finite sharpness > 0 of the positional half.
+    gate_init: the gate ``lambda_0`` (a finite float).
+    qk_features: per-head query/key size (a positive int).
+    rng: key of the query/key kernels (default ``jax.random.key(0)``).
+
+  Returns:
+    The AttentionCNN variables (plain dicts).
+
+  Raises:
+    TypeError: if ``alpha`` or ``gate_init`` is not a real number, or ``layers`` is not a tuple
+      or list of names.
+    ValueError: naming the argument: a non-positive or infinite ``alpha``, a non-finite
+      ``gate_init``, a non-positive ``qk_features``, no convolution named in ``layers`` or a
+      kernel that is not 3x3.
+  """
+  _check_alpha(alpha)
+  if isinstance(gate_init, bool) or not isinstance(gate_init, (int, float)):
+    raise TypeError(f"gate_init: expected a finite float, got {gate_init!r}")
+  if not math.isfinite(gate_init):
+    raise ValueError(f"gate_init: expected a finite float, got {gate_init}")
+  if isinstance(qk_features, bool) or not isinstance(qk_features, int) or qk_features < 1:
+    raise ValueError(f"qk_features: expected a positive int, got {qk_features!r}")
+  if isinstance(layers, str) or not isinstance(layers, (tuple, list)):
+    raise TypeError(f"layers: expected a tuple of convolution names, got {layers!r}")
+  variables = flax.core.unfreeze(variables)
+  params = dict(variables["params"])
+  convs = sorted(k for k in params if k.startswith("conv") and "kernel" in params[k])
+  if not layers or any(name not in convs for name in layers):
+    raise ValueError(
+      f"layers: expected a non-empty tuple of convolution names from {convs}, got {tuple(layers)!r}"
+    )
+  rng = jax.random.key(0) if rng is None else rng
+  init = jax.nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2))
+  for i, name in enumerate(layers):
+    kernel = params[name]["kernel"]
+    if kernel.shape[:2] != (3, 3):
+      raise ValueError(f"variables: expected 3x3 kernels, got {name} of shape {kernel.shape}")
+    _, converted = construction.conv_to_attention(kernel, alpha=float(alpha))
+    layer = dict(converted["params"])
+    heads, c_in = layer["centers"].shape[0], kernel.shape[2]
+    q_key, k_key = jax.random.split(jax.random.fold_in(rng, i))
+    zeros = jnp.zeros((heads, qk_features), kernel.dtype)
+    layer["query"] = {
+      "kernel": init(q_key, (c_in, heads, qk_features), kernel.dtype),
+      "bias": zeros,
+    }
+    layer["key"] = {"kernel": init(k_key, (c_in, heads, qk_features), kernel.dtype), "bias": zeros}
+    layer["gate"] = jnp.full((heads,), gate_init, kernel.dtype)
+    params[name] = layer
+  out = {"params": params}
+  if "batch_stats" in variables:
+    out["batch_stats"] = variables["batch_stats"]
+  return out
