@@ -182,34 +182,38 @@ def _records(workdir: pathlib.Path, name: str = "metrics.jsonl") -> list[dict]:
   return [json.loads(line) for line in (workdir / name).read_text().splitlines()]
 
 
-def _final_state(workdir: pathlib.Path):
-  """The latest checkpoint, restored onto this process's first device (it was saved on 4 devices
-  of 1 or 2 processes)."""
+def _restore(workdir: pathlib.Path, step: int):
+  """Checkpoint ``step`` of ``workdir``, restored onto this process's first device (it was saved
+  on 4 devices of 1 or 2 processes)."""
   import jax
   import orbax.checkpoint as ocp
 
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   path = (workdir / "checkpoints").absolute()
   with ocp.CheckpointManager(path, item_handlers=ocp.StandardCheckpointHandler()) as manager:
-    step = manager.latest_step()
+    assert step in manager.all_steps(), (workdir, step, manager.all_steps())
     target = jax.tree_util.tree_map(
       lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
       manager.item_metadata(step),
     )
-    return step, manager.restore(step, args=ocp.args.StandardRestore(target))
+    return manager.restore(step, args=ocp.args.StandardRestore(target))
 
 
-def _assert_same_state(dir_a: pathlib.Path, dir_b: pathlib.Path) -> None:
+def _assert_same_state(dir_a: pathlib.Path, dir_b: pathlib.Path, step: int) -> None:
   import jax
 
-  step_a, state_a = _final_state(dir_a)
-  step_b, state_b = _final_state(dir_b)
-  assert step_a == step_b == STEPS
-  leaves_a = jax.tree_util.tree_leaves_with_path(state_a)
-  leaves_b = jax.tree_util.tree_leaves_with_path(state_b)
+  leaves_a = jax.tree_util.tree_leaves_with_path(_restore(dir_a, step))
+  leaves_b = jax.tree_util.tree_leaves_with_path(_restore(dir_b, step))
   assert [p for p, _ in leaves_a] == [p for p, _ in leaves_b]
   for (path, a), (_, b) in zip(leaves_a, leaves_b):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
+
+
+def _assert_same_metrics(records_a: list[dict], records_b: list[dict]) -> None:
+  assert [r["step"] for r in records_a] == [r["step"] for r in records_b]
+  for r1, r2 in zip(records_a, records_b):
+    for key in METRIC_KEYS:
+      assert r1[key] == r2[key], (r1["step"], key)
 
 
 def read_tensorboard_scalars(logdir: pathlib.Path) -> dict[str, list[tuple[int, float]]]:
@@ -376,69 +380,64 @@ def test_smoke_config_with_four_devices_on_few_cores(tmp_path):
 
 
 def test_two_processes_match_one_process_write_once_and_resume(tmp_path):
-  """Four runs of the tiny config: 1 process x 4 CPU devices, 2 processes x 2 CPU devices, and
-  2 x 2 stopped after 6 steps (last checkpoint: 4) then restarted. One test, so that pytest-xdist
-  never launches them twice.
+  """Three runs of the tiny config (8 steps; evaluations and checkpoints at 4 and 8): 1 process x
+  4 CPU devices, uninterrupted; 2 processes x 2 CPU devices stopped after 6 steps (so its last
+  checkpoint is step 4 and the step-4 evaluation is on file), then the same 2 x 2 command again.
+  One test, so that pytest-xdist never launches them twice.
 
-  (a) 2 x 2 gives the metrics and final state of 1 x 4, bitwise. Why bitwise holds: the global
-  batch of a step is a function of (seed, step) only, and device d of the 4-device mesh
-  (``jax.devices()``, ordered by process) gets the same rows of it in both layouts; augmentation
-  and dropout are drawn in the jitted step from the global shape (partitionable threefry), so
-  each example's draw depends on its global position; every device runs the same SPMD program on
-  the same data; the loss and gradient all-reduces run over the same 4 gloo ranks with the same
-  ring algorithm, hence the same float32 summation order; evaluation sums are per device (no
-  collective), gathered exactly and added on the host in float64 in device order. The 1-process
-  reference runs on the same runtime (``jax.distributed`` with one process, gloo). The plain
-  single-process runtime (no ``jax.distributed``) reduces across devices with XLA's in-process
-  communicator, which adds the 4 partial sums in rank order where gloo's ring starts each chunk
-  at another rank: two orders of 4 float32 terms x_d differ by at most
-  2 * gamma_3 * sum_d |x_d| (gamma_3 = 3u / (1 - 3u), u = 2^-24) per all-reduce, and training
-  carries such differences on with no a-priori bound, so that comparison is not made here.
+  (a) Up to the stop, 2 x 2 gives the metrics (step 4) and the checkpoint (step 4) of 1 x 4,
+  bitwise, and the restarted 2 x 2 run ends with the metrics and final state of 1 x 4, bitwise.
+  Why bitwise holds: the global batch of a step is a function of (seed, step) only, and device d
+  of the 4-device mesh (``jax.devices()``, ordered by process) gets the same rows of it in both
+  layouts; augmentation and dropout are drawn in the jitted step from the global shape
+  (partitionable threefry), so each example's draw depends on its global position; every device
+  runs the same SPMD program on the same data; the loss and gradient all-reduces run over the
+  same 4 gloo ranks with the same ring algorithm, hence the same float32 summation order;
+  evaluation sums are per device (no collective), gathered exactly and added on the host in
+  float64 in device order. The 1-process reference runs on the same runtime
+  (``jax.distributed`` with one process, gloo). The plain single-process runtime (no
+  ``jax.distributed``) reduces across devices with XLA's in-process communicator, which adds the
+  4 partial sums in rank order where gloo's ring starts each chunk at another rank: two orders
+  of 4 float32 terms x_d differ by at most 2 * gamma_3 * sum_d |x_d| (gamma_3 = 3u / (1 - 3u),
+  u = 2^-24) per all-reduce, and training carries such differences on with no a-priori bound,
+  so that comparison is not made here.
 
   (b) Only process 0 writes: each evaluation is one line of metrics.jsonl and centers.jsonl and
-  one event per tag, and only process 0 shows the progress bar.
+  one event per tag (after the restart too), and only process 0 shows the progress bar.
 
-  (c) The stopped 2 x 2 run, restarted, ends where the uninterrupted 2 x 2 run does, bitwise.
+  (c) The stopped 2 x 2 run, restarted from its step-4 checkpoint, ends where the uninterrupted
+  run does (the final comparison of (a)).
   """
   cache = tmp_path / "jax_cache"
-  one, two, resumed = tmp_path / "one", tmp_path / "two", tmp_path / "resumed"
+  one, two = tmp_path / "one", tmp_path / "two"
   out_one = _launch(one, 1, 4, cache)
-  out_two = _launch(two, 2, 2, cache)
-
-  # (a)
-  records_one, records_two = _records(one), _records(two)
+  records_one = _records(one)
   assert [r["step"] for r in records_one] == EVAL_STEPS
-  for r1, r2 in zip(records_one, records_two, strict=True):
-    for key in METRIC_KEYS:
-      assert r1[key] == r2[key], (r1["step"], key)
-  _assert_same_state(one, two)
-  summary_one, summary_two = _summary(out_one[0][0]), _summary(out_two[0][0])
-  assert summary_one["processes"] == 1 and summary_two["processes"] == 2
-  assert summary_one["devices"]["count"] == summary_two["devices"]["count"] == 4
-  for key in ("best_val_accuracy", "final_test_accuracy", "last_train_loss", "steps"):
-    assert summary_one[key] == summary_two[key], key
-  assert _summary(out_two[1][0]) == summary_two  # every process returns process 0's summary
-  assert json.loads((two / "summary.json").read_text())["processes"] == 2
 
-  # (b)
-  (stdout0, stderr0), (stdout1, stderr1) = out_two
+  out_stopped = _launch(two, 2, 2, cache, stop_after_steps=6)
+  stopped = _summary(out_stopped[0][0])
+  assert stopped["completed"] is False and stopped["steps"] == 6
+  assert _summary(out_stopped[1][0]) == stopped  # every process returns process 0's summary
+  assert not (two / "summary.json").exists()
+  _assert_same_metrics(records_one[:1], _records(two))  # (a), step 4
+  _assert_same_state(one, two, 4)
+  (stdout0, stderr0), (stdout1, stderr1) = out_stopped  # (b)
   assert "train:" in stderr0 and "train:" not in stderr1  # the progress bar
   assert "step 4 epoch" in stdout0 + stderr0 and "step 4 epoch" not in stdout1 + stderr1
 
-  # (c)
-  stopped = _summary(_launch(resumed, 2, 2, cache, stop_after_steps=6)[0][0])
-  assert stopped["completed"] is False and stopped["steps"] == 6
-  assert not (resumed / "summary.json").exists()
-  out_resumed = _launch(resumed, 2, 2, cache)
+  out_resumed = _launch(two, 2, 2, cache)
   assert "Resumed from" in out_resumed[0][0] and "Resumed from" not in out_resumed[1][0]
-  for r1, r2 in zip(records_two, _records(resumed), strict=True):
-    for key in METRIC_KEYS:
-      assert r1[key] == r2[key], (r1["step"], key)
-  _assert_same_state(two, resumed)
-  assert json.loads((resumed / "summary.json").read_text())["completed"] is True
+  _assert_same_metrics(records_one, _records(two))  # (a) and (c), the end
+  _assert_same_state(one, two, STEPS)
+  summary_one, summary_two = _summary(out_one[0][0]), _summary(out_resumed[0][0])
+  assert summary_one["processes"] == 1 and summary_two["processes"] == 2
+  assert summary_one["devices"]["count"] == summary_two["devices"]["count"] == 4
+  for key in ("best_val_accuracy", "best_val_step", "final_test_accuracy", "last_train_loss"):
+    assert summary_one[key] == summary_two[key], key
+  assert summary_two["completed"] is True and summary_two["steps"] == STEPS
+  assert json.loads((two / "summary.json").read_text())["processes"] == 2
 
-  # (b) again, after the restart too
-  for workdir in (two, resumed):
+  for workdir in (one, two):  # (b)
     assert [r["step"] for r in _records(workdir)] == EVAL_STEPS
     assert [r["step"] for r in _records(workdir, "centers.jsonl")] == [0, *EVAL_STEPS]
     _assert_tensorboard_matches(workdir)
