@@ -21,8 +21,9 @@
   bit-identical to an uninterrupted one.
 * Orbax ``CheckpointManager`` in ``<workdir>/checkpoints`` (params, batch_stats, optimizer state,
   step, RNG key, metric accumulators) with automatic resume; the best-validation weights in
-  ``<workdir>/best``. Every process saves and restores collectively, so the workdir must be on a
-  file system all processes share.
+  ``<workdir>/best`` (those of evaluations after the checkpoint a run resumes from are removed at
+  the restart). Every process saves and restores collectively, so the workdir must be on a file
+  system all processes share.
 * ``<workdir>/config.json``, ``metrics.jsonl`` (one JSON object per evaluation),
   ``centers.jsonl`` (quadratic attention centres and sharpness alpha per evaluation),
   ``summary.json``, ``plots/``, and TensorBoard event files of the metrics in
@@ -172,9 +173,8 @@ def initialize_distributed(
   if num_processes is not None and num_processes < 1:
     raise ValueError(f"num_processes: expected an integer >= 1, got {num_processes}")
   if process_id is not None:
-    upper = num_processes if num_processes is not None else None
-    if process_id < 0 or (upper is not None and process_id >= upper):
-      bound = f"[0, {upper})" if upper is not None else ">= 0"
+    if process_id < 0 or (num_processes is not None and process_id >= num_processes):
+      bound = f"[0, {num_processes})" if num_processes is not None else ">= 0"
       raise ValueError(f"process_id: expected an integer in {bound}, got {process_id}")
 
   # Cross-process collectives of the CPU backend (the default of recent jaxlib, set explicitly).
