@@ -3,17 +3,27 @@
 Usage::
 
   python -m experiments.data_scaling --config=experiments/configs/data_scaling.py \
-    --workdir=runs/data_scaling [--workers=2] [--models=cnn,attention_quadratic]
+    --workdir=runs/data_scaling_convergence [--workers=2] [--models=cnn,gpsa]
 
 Each grid point ``(model, train_size, seed)`` is an ordinary :func:`train_and_evaluate` run in
 ``<workdir>/<model>/n<train_size>/s<seed>`` (checkpointed, so rerunning the command resumes the
-grid where it stopped; finished points are skipped). ``--workers=W`` runs the grid in ``W``
+grid where it stopped; finished points are skipped, and a finished run of a different model or
+budget in the same directory is an error). Each run's budget is computed from its own training-set
+size (:func:`experiments.configs.data_scaling.run_config`). ``--workers=W`` runs the grid in ``W``
 processes, one CPU thread each (on a 2-core CPU two single-threaded runs of these small models
-finish sooner than one two-threaded run). At the end the records are gathered into ``--out``
-(default ``experiments/results/data_scaling.json``), a list of
-``{"model", "train_size", "seed", "test_accuracy", "val_accuracy", "steps", "params",
-"train_seconds", "device"}``, and plotted (mean +- std over seeds against the training-set size)
-into ``--plot`` (default ``experiments/results/data_scaling.png``).
+finish sooner than one two-threaded run).
+
+At the end the records are gathered and analysed (:func:`analyze`) into ``--out`` (default
+``experiments/results/data_scaling.json``)::
+
+  {"records": [{"model", "train_size", "seed", "test_accuracy", "val_accuracy", "steps",
+                "epochs", "final_train_accuracy", "params", "train_seconds", "device",
+                "dataset"}, ...],
+   "summary": {"accuracy", "gap_to_reference", "gain_over_baseline", "trends", ...}}
+
+(:func:`load_records` also reads a plain list of records) and plotted into ``--plot``
+(default ``experiments/results/data_scaling.png``): mean test accuracy with 95% intervals, and
+each model's paired gap to the CNN, against the training-set size (log scale).
 """
 
 from __future__ import annotations
@@ -23,11 +33,12 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import json  # noqa: E402
+import math  # noqa: E402
 import pathlib  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
+from collections.abc import Mapping, Sequence  # noqa: E402
 from typing import Any  # noqa: E402
 
 from absl import app, flags  # noqa: E402
@@ -35,6 +46,10 @@ from absl import logging as absl_logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
+
+REFERENCE = "cnn"
+BASELINE = "vit"
+CONFIDENCE = 0.95
 
 
 def grid_points(config, models: Sequence[str] | None = None) -> list[tuple[str, int, int]]:
@@ -65,6 +80,18 @@ def _completed(path: pathlib.Path) -> dict | None:
   return record if record.get("completed") else None
 
 
+def _check_same_run(path: pathlib.Path, run, summary: Mapping[str, Any]) -> None:
+  """Raises ValueError if the finished run in ``path`` is not ``run`` (model or budget differ)."""
+  saved = json.loads((path / "config.json").read_text())
+  want_model = json.loads(json.dumps(run.model.to_dict()))
+  if saved.get("model") != want_model or summary.get("steps") != run.num_train_steps:
+    raise ValueError(
+      f"workdir: expected {path} to hold the run of model {want_model} for "
+      f"{run.num_train_steps} steps (or nothing), got a finished run of model "
+      f"{saved.get('model')} for {summary.get('steps')} steps; use another --workdir"
+    )
+
+
 def run_grid(config, workdir: str, points: Sequence[tuple[str, int, int]]) -> None:
   """Trains every point that has no completed summary yet (loading each data subset once)."""
   from experiments.configs import data_scaling as grid_config
@@ -73,31 +100,52 @@ def run_grid(config, workdir: str, points: Sequence[tuple[str, int, int]]) -> No
   datasets: dict[tuple[int, int], Any] = {}
   for i, (model, size, seed) in enumerate(points):
     path = run_dir(workdir, model, size, seed)
-    if _completed(path):
-      continue
     run = grid_config.run_config(config, model, size, seed)
+    finished = _completed(path)
+    if finished:
+      _check_same_run(path, run, finished)
+      continue
     key = (size, seed)
     if key not in datasets:
       datasets.clear()  # the grid is ordered by size and seed: keep one subset in memory
       datasets[key] = load_dataset_from_config(run)
+    dataset = datasets[key]
+    run = grid_config.run_config(config, model, size, seed, num_images=int(dataset.num_train))
     start = time.perf_counter()
-    summary = train_and_evaluate(run, path, dataset=datasets[key])
+    summary = train_and_evaluate(run, path, dataset=dataset)
     print(
-      f"[{i + 1}/{len(points)}] {model} n={size} seed={seed}: test "
-      f"{summary['final_test_accuracy']:.4f} (val {summary['best_val_accuracy']:.4f}) in "
-      f"{time.perf_counter() - start:.0f} s",
+      f"[{i + 1}/{len(points)}] {model} n={size} seed={seed}: {summary['steps']} steps "
+      f"({summary['epochs']:.1f} epochs), test {summary['final_test_accuracy']:.4f} (val "
+      f"{summary['best_val_accuracy']:.4f}) in {time.perf_counter() - start:.0f} s",
       flush=True,
     )
 
 
+def _last_train_accuracy(path: pathlib.Path) -> float | None:
+  """Train accuracy of the last logged window (the steps since the previous evaluation)."""
+  metrics = path / "metrics.jsonl"
+  if not metrics.exists():
+    return None
+  lines = [line for line in metrics.read_text().splitlines() if line.strip()]
+  return json.loads(lines[-1]).get("train_accuracy") if lines else None
+
+
+def _device(summary: Mapping[str, Any]) -> str:
+  devices = summary.get("devices")
+  if isinstance(devices, Mapping):
+    return f"{','.join(devices.get('kinds', []))} x{devices.get('count')}"
+  return str(summary.get("platform"))
+
+
 def gather(config, workdir: str, points: Sequence[tuple[str, int, int]]) -> list[dict]:
-  """The records of every completed point, in grid order."""
+  """The records of every completed point, in grid order (fields: module docstring)."""
   records = []
   for model, size, seed in points:
-    summary = _completed(run_dir(workdir, model, size, seed))
+    path = run_dir(workdir, model, size, seed)
+    summary = _completed(path)
     if summary is None:
       continue
-    run_cfg = json.loads((run_dir(workdir, model, size, seed) / "config.json").read_text())
+    run_cfg = json.loads((path / "config.json").read_text())
     records.append(
       {
         "model": model,
@@ -106,13 +154,27 @@ def gather(config, workdir: str, points: Sequence[tuple[str, int, int]]) -> list
         "test_accuracy": summary["final_test_accuracy"],
         "val_accuracy": summary["best_val_accuracy"],
         "steps": summary["steps"],
+        "epochs": round(float(summary.get("epochs", float("nan"))), 3),
+        "final_train_accuracy": _last_train_accuracy(path),
         "params": summary["num_params"],
         "train_seconds": round(float(summary["train_seconds"]), 1),
-        "device": summary["platform"],
+        "device": _device(summary),
         "dataset": run_cfg["dataset"]["name"],
       }
     )
   return records
+
+
+def load_records(path: str | os.PathLike) -> list[dict]:
+  """The records of a results file: ``{"records": [...], ...}`` or a plain list of records."""
+  data = json.loads(pathlib.Path(path).read_text())
+  if isinstance(data, list):
+    return data
+  if isinstance(data, Mapping) and isinstance(data.get("records"), list):
+    return data["records"]
+  raise ValueError(
+    f"path: expected a JSON list of records or an object with 'records', got {type(data).__name__}"
+  )
 
 
 def summarize(records: Sequence[dict]) -> dict[str, dict[int, tuple[float, float, int]]]:
@@ -128,30 +190,246 @@ def summarize(records: Sequence[dict]) -> dict[str, dict[int, tuple[float, float
   }
 
 
+# ----------------------------------------------------------------------------------------------
+# Analysis.
+
+
+def t_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> dict[str, Any]:
+  """Mean and two-sided t interval of ``values`` (n - 1 degrees of freedom).
+
+  Returns:
+    ``{"mean", "std" (ddof=1), "low", "high", "n"}``; with fewer than 2 values ``std``, ``low``
+    and ``high`` are None.
+
+  Raises:
+    ValueError: if ``values`` is empty or ``confidence`` is not in (0, 1).
+  """
+  import numpy as np
+  from scipy import stats
+
+  if not 0.0 < confidence < 1.0:
+    raise ValueError(f"confidence: expected a float in (0, 1), got {confidence!r}")
+  x = np.asarray(values, dtype=np.float64)
+  if x.ndim != 1 or x.size == 0:
+    raise ValueError(f"values: expected a non-empty 1-D sequence, got shape {x.shape}")
+  mean, n = float(x.mean()), int(x.size)
+  if n < 2:
+    return {"mean": mean, "std": None, "low": None, "high": None, "n": n}
+  std = float(x.std(ddof=1))
+  half = float(stats.t.ppf(0.5 + confidence / 2.0, n - 1)) * std / math.sqrt(n)
+  return {"mean": mean, "std": std, "low": mean - half, "high": mean + half, "n": n}
+
+
+def _by_point(records: Sequence[dict]) -> dict[str, dict[int, dict[int, float]]]:
+  """``model -> train_size -> seed -> test accuracy``."""
+  table: dict[str, dict[int, dict[int, float]]] = {}
+  for r in records:
+    table.setdefault(r["model"], {}).setdefault(int(r["train_size"]), {})[int(r["seed"])] = float(
+      r["test_accuracy"]
+    )
+  return table
+
+
+def paired_differences(
+  records: Sequence[dict], model: str, reference: str, *, relative: bool = False
+) -> dict[int, list[float]]:
+  """Per size, the seed-paired ``acc_model - acc_ref`` (``relative``: divided by ``acc_ref``).
+
+  Only seeds run for both models at that size are paired; sizes with none are left out.
+  """
+  table = _by_point(records)
+  out: dict[int, list[float]] = {}
+  for size, accs in sorted(table.get(model, {}).items()):
+    ref = table.get(reference, {}).get(size, {})
+    seeds = sorted(set(accs) & set(ref))
+    if seeds:
+      out[size] = [(accs[s] - ref[s]) / ref[s] if relative else accs[s] - ref[s] for s in seeds]
+  return out
+
+
+def gap_trends(
+  records: Sequence[dict], reference: str = REFERENCE, confidence: float = CONFIDENCE
+) -> dict[str, dict[str, Any]]:
+  """Does each model's gap to ``reference`` shrink with data? A mechanical answer.
+
+  For every model and seed, the least-squares slope of the paired gap ``acc_model - acc_ref``
+  against ``log10(train_size)`` (accuracy points per decade of data); the slopes of the seeds
+  give a t interval (n - 1 degrees of freedom). Verdict: ``"shrinks"`` if the interval excludes
+  0 and the slope's sign is opposite to the mean gap at the smallest size (the gap moves towards
+  0), ``"grows"`` if it excludes 0 with the same sign, ``"no detectable trend"`` if it contains 0,
+  ``"undetermined"`` with fewer than 2 seeds of at least 2 sizes. ``crossover_size``: the first
+  size (interpolated linearly in log size) where the mean gap changes sign, else None.
+
+  Returns:
+    ``model -> {"slope_per_decade": t_interval dict, "verdict", "shrinks" (bool or None),
+    "gap_at_smallest", "gap_at_largest", "crossover_size", "sizes"}``.
+  """
+  import numpy as np
+
+  table = _by_point(records)
+  out: dict[str, dict[str, Any]] = {}
+  for model in table:
+    if model == reference:
+      continue
+    gaps = paired_differences(records, model, reference)
+    if not gaps:
+      continue
+    sizes = sorted(gaps)
+    per_seed: dict[int, list[tuple[float, float]]] = {}
+    for size in sizes:
+      ref = table[reference][size]
+      for seed in sorted(set(table[model][size]) & set(ref)):
+        gap = table[model][size][seed] - ref[seed]
+        per_seed.setdefault(seed, []).append((math.log10(size), gap))
+    slopes = []
+    for points in per_seed.values():
+      if len(points) >= 2:
+        x, y = np.asarray(points).T
+        slopes.append(float(np.polyfit(x, y, 1)[0]))
+    means = [float(np.mean(gaps[n])) for n in sizes]
+    slope = t_interval(slopes, confidence) if slopes else None
+    verdict, shrinks = "undetermined", None
+    if slope is not None and slope["low"] is not None:
+      if slope["low"] > 0 or slope["high"] < 0:
+        toward_zero = math.copysign(1.0, slope["mean"]) != math.copysign(1.0, means[0])
+        shrinks = bool(toward_zero and means[0] != 0.0)
+        verdict = "shrinks" if shrinks else "grows"
+      else:
+        verdict, shrinks = "no detectable trend", False
+    crossover = None
+    for (n0, g0), (n1, g1) in zip(zip(sizes, means), zip(sizes[1:], means[1:])):
+      if g0 * g1 < 0:
+        l0, l1 = math.log10(n0), math.log10(n1)
+        crossover = float(10 ** (l0 + (0.0 - g0) / (g1 - g0) * (l1 - l0)))
+        break
+    out[model] = {
+      "slope_per_decade": slope,
+      "verdict": verdict,
+      "shrinks": shrinks,
+      "gap_at_smallest": means[0],
+      "gap_at_largest": means[-1],
+      "crossover_size": crossover,
+      "sizes": sizes,
+    }
+  return out
+
+
+def analyze(
+  records: Sequence[dict],
+  reference: str = REFERENCE,
+  baseline: str = BASELINE,
+  confidence: float = CONFIDENCE,
+) -> dict[str, Any]:
+  """Per size and model: accuracy, paired gap to ``reference``, paired relative gain over
+  ``baseline``, and :func:`gap_trends`. JSON-ready (sizes as string keys).
+
+  Returns:
+    ``{"confidence", "reference", "baseline",
+    "accuracy": {model: {size: t_interval of test accuracy over seeds}},
+    "gap_to_reference": {model: {size: t_interval of acc - acc_ref, paired by seed}},
+    "gain_over_baseline": {model: {size: t_interval of (acc - acc_base) / acc_base, paired}},
+    "trends": gap_trends(...)}``; a comparison is left out when its reference model has no run.
+  """
+  table = _by_point(records)
+  accuracy = {
+    m: {str(n): t_interval(list(seeds.values()), confidence) for n, seeds in sorted(sizes.items())}
+    for m, sizes in table.items()
+  }
+
+  def compare(ref: str, relative: bool) -> dict[str, dict[str, Any]]:
+    if ref not in table:
+      return {}
+    out = {}
+    for m in table:
+      if m == ref:
+        continue
+      diffs = paired_differences(records, m, ref, relative=relative)
+      if diffs:
+        out[m] = {str(n): t_interval(d, confidence) for n, d in diffs.items()}
+    return out
+
+  return {
+    "confidence": confidence,
+    "reference": reference,
+    "baseline": baseline,
+    "accuracy": accuracy,
+    "gap_to_reference": compare(reference, False),
+    "gain_over_baseline": compare(baseline, True),
+    "trends": gap_trends(records, reference, confidence) if reference in table else {},
+  }
+
+
+def format_summary(summary: Mapping[str, Any]) -> str:
+  """The analysis as text tables (the command line's output)."""
+
+  def cell(v: Mapping[str, Any], scale: float = 1.0, fmt: str = ".4f") -> str:
+    m = v["mean"] * scale
+    if v["low"] is None:
+      return f"{m:{fmt}}"
+    return f"{m:{fmt}} [{v['low'] * scale:{fmt}}, {v['high'] * scale:{fmt}}]"
+
+  conf = int(round(100 * summary["confidence"]))
+  lines = ["test accuracy: mean +- std over seeds (n), by training-set size"]
+  for model, sizes in summary["accuracy"].items():
+    row = "  ".join(
+      f"{n}: {v['mean']:.4f}+-{(v['std'] or 0.0):.4f} ({v['n']})" for n, v in sizes.items()
+    )
+    lines.append(f"  {model:26s} {row}")
+  lines.append(f"gap to {summary['reference']} (accuracy points), paired {conf}% CI")
+  for model, sizes in summary["gap_to_reference"].items():
+    row = "  ".join(f"{n}: {cell(v, 100, '+.2f')}" for n, v in sizes.items())
+    lines.append(f"  {model:26s} {row}")
+  lines.append(f"relative gain over {summary['baseline']} (%), paired {conf}% CI")
+  for model, sizes in summary["gain_over_baseline"].items():
+    row = "  ".join(f"{n}: {cell(v, 100, '+.2f')}" for n, v in sizes.items())
+    lines.append(f"  {model:26s} {row}")
+  lines.append(f"does the gap to {summary['reference']} shrink with data?")
+  for model, t in summary["trends"].items():
+    s = t["slope_per_decade"]
+    slope = "n/a" if s is None else cell(s, 100, "+.2f")
+    cross = "none" if t["crossover_size"] is None else f"{t['crossover_size']:.0f} images"
+    lines.append(
+      f"  {model:26s} {t['verdict']:20s} slope {slope} points/decade; gap "
+      f"{100 * t['gap_at_smallest']:+.2f} -> {100 * t['gap_at_largest']:+.2f}; crossover {cross}"
+    )
+  return "\n".join(lines)
+
+
 def plot(records: Sequence[dict], path: str | os.PathLike) -> None:
-  """Test accuracy (mean +- std over seeds) against training-set size, one line per model."""
+  """Test accuracy (mean, 95% t interval over seeds) and the paired gap to the CNN (mean, 95%
+  interval) against the training-set size (log scale), one line per model."""
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  table = summarize(records)
-  fig, ax = plt.subplots(figsize=(6.5, 4.2))
-  for model, sizes in table.items():
-    n = list(sizes)
-    mean = [sizes[k][0] for k in n]
-    std = [sizes[k][1] for k in n]
-    ax.errorbar(n, mean, yerr=std, marker="o", ms=3, capsize=3, label=model)
-  ax.set_xscale("log")
-  ax.set_xlabel("training images")
-  ax.set_ylabel("test accuracy (model selected on validation)")
+  summary = analyze(records)
+  panels = [("accuracy", "test accuracy (model selected on validation)")]
+  if summary["gap_to_reference"]:
+    panels.append(("gap_to_reference", f"test accuracy - {REFERENCE} (paired by seed)"))
+  fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.4), squeeze=False)
+  colors = {m: f"C{i}" for i, m in enumerate(summary["accuracy"])}
+  for ax, (key, label) in zip(axes[0], panels):
+    for model, sizes in summary[key].items():
+      n = [int(k) for k in sizes]
+      mean = [v["mean"] for v in sizes.values()]
+      ax.plot(n, mean, marker="o", ms=3, color=colors[model], label=model)
+      if all(v["low"] is not None for v in sizes.values()):
+        low = [v["low"] for v in sizes.values()]
+        high = [v["high"] for v in sizes.values()]
+        ax.fill_between(n, low, high, color=colors[model], alpha=0.15, linewidth=0)
+    if key == "gap_to_reference":
+      ax.axhline(0.0, color="k", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("training images")
+    ax.set_ylabel(label)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
   dataset = records[0].get("dataset", "") if records else ""
-  steps = records[0]["steps"] if records else 0
-  ax.set_title(
-    f"Data efficiency on {dataset}\n{steps} steps per run, mean +- std over seeds", fontsize=10
+  seeds = len({r["seed"] for r in records})
+  fig.suptitle(
+    f"Data efficiency on {dataset}: mean and 95% t interval over {seeds} seeds", fontsize=10
   )
-  ax.grid(True, which="both", alpha=0.3)
-  ax.legend(fontsize=8)
   fig.tight_layout()
   pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(path, dpi=130)
@@ -181,7 +459,7 @@ def _define_flags() -> None:
   flags.DEFINE_string("models", "", "Comma-separated subset of the config's models (default: all).")
   flags.DEFINE_integer("workers", 1, "Number of worker processes (each single-threaded when > 1).")
   flags.DEFINE_integer("worker_index", -1, "Internal: run only this worker's share of the grid.")
-  flags.DEFINE_string("out", "experiments/results/data_scaling.json", "Records (JSON list).")
+  flags.DEFINE_string("out", "experiments/results/data_scaling.json", "Records and analysis.")
   flags.DEFINE_string("plot", "experiments/results/data_scaling.png", "Plot ('' for none).")
   flags.DEFINE_bool("aggregate_only", False, "Only gather finished runs into --out and --plot.")
   config_flags.DEFINE_config_file("config", None, "experiments/configs/data_scaling.py[:arg]")
@@ -205,11 +483,12 @@ def main(argv: list[str]) -> None:
     else:
       run_grid(config, FLAGS.workdir, points)
   records = gather(config, FLAGS.workdir, points)
+  summary = analyze(records)
   pathlib.Path(FLAGS.out).parent.mkdir(parents=True, exist_ok=True)
-  pathlib.Path(FLAGS.out).write_text(json.dumps(records, indent=1) + "\n")
-  for model, sizes in summarize(records).items():
-    row = "  ".join(f"{n}: {m:.4f}+-{s:.4f} ({c})" for n, (m, s, c) in sizes.items())
-    print(f"{model:28s} {row}", flush=True)
+  pathlib.Path(FLAGS.out).write_text(
+    json.dumps({"records": records, "summary": summary}, indent=1) + "\n"
+  )
+  print(format_summary(summary), flush=True)
   if FLAGS.plot and records:
     plot(records, FLAGS.plot)
   print(f"{len(records)} records -> {FLAGS.out}", flush=True)

@@ -1,16 +1,24 @@
-"""The data-scaling grid driver (experiments/data_scaling.py) on a tiny synthetic dataset."""
+"""The data-scaling grid (experiments/data_scaling.py and its config) on a tiny synthetic dataset:
+configs and budgets, every model through the runner, records, paired intervals, trends."""
 
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from experiments import data_scaling
 from experiments import train as train_lib
 from experiments.configs import data_scaling as grid_config
+from experiments.configs import priors
 from experiments.input_pipeline import Dataset
+
+# Student t quantile t_{0.975, 2} (3 seeds, 2 degrees of freedom), from the t table.
+T975_2DOF = 4.302652729749464
 
 
 def _synthetic(train_size: int) -> Dataset:
@@ -52,68 +60,148 @@ def fake_loader(monkeypatch):
   return calls
 
 
-def test_configs():
-  for arg in (None, "fashion_mnist", "cifar10", "smoke"):
-    config = grid_config.get_config(arg)
-    assert set(config.scaling.models) == set(grid_config.MODELS)
-    assert len(config.scaling.seeds) >= (1 if arg == "smoke" else 3)
-    assert len(config.scaling.train_sizes) >= (2 if arg == "smoke" else 5)
-  assert grid_config.get_config("cifar10").dataset.name == "cifar10"
-  with pytest.raises(ValueError, match="arg"):
-    grid_config.get_config("imagenet")
+@pytest.fixture
+def tiny_backbone(monkeypatch):
+  """The shared attention backbone shrunk (2 narrow blocks, GPSA in the first) for fast compiles."""
+  for key, value in {"hidden_size": 18, "mlp_dim": 18, "num_layers": 2}.items():
+    monkeypatch.setitem(priors.BACKBONE, key, value)
+  monkeypatch.setitem(priors.PRIORS, "gpsa", ({"gpsa_layers": 1}, {}))
+
+
+def test_convergence_config():
   config = grid_config.get_config()
-  run = grid_config.run_config(config, "attention_conv_init", 1000, 2)
-  assert run.conv_init_alpha == 2.0 and run.model.encoding == "quadratic"
-  assert run.dataset.train_size == 1000 and run.dataset.seed == 2 and run.seed == 2
-  assert "scaling" not in run and "scaling" in config  # the grid config is not modified
-  assert grid_config.run_config(config, "cnn", 500, 0).conv_init_alpha == 0.0
-  # Every model gets the same number of steps whatever the size.
-  assert (
-    len({grid_config.run_config(config, m, 500, 0).num_train_steps for m in grid_config.MODELS})
-    == 1
+  assert config.scaling.grid == "convergence"
+  assert config.scaling.models == ("cnn", *priors.PRIORS)
+  assert config.scaling.train_sizes == (1000, 3000, 10000, 30000, -1)
+  assert config.scaling.seeds == (0, 1, 2)
+  assert (config.num_train_steps, config.scaling.min_epochs, config.scaling.evaluations) == (
+    2000,
+    10.0,
+    10,
   )
+  assert config.batch_size == 100 and config.optimizer == "adamw"
+  assert config.learning_rate == 0.001 and config.weight_decay == 0.05
+  assert config.schedule == "warmup_cosine"
+  assert config.dataset.crop_padding == 2 and config.dataset.flip is True
+  for prior in priors.PRIORS:  # the priors' backbone and switches, from priors.apply_prior
+    run = grid_config.run_config(config, prior, 1000, 1)
+    reference = priors.get_config(prior)
+    assert run.model.to_dict() == reference.model.to_dict()
+    assert run.mimetic_init == reference.mimetic_init
+    assert run.conv_init_alpha == reference.conv_init_alpha
+    assert run.dataset.crop_padding == 2 and run.dataset.flip is True  # the same augmentation
+  cnn = grid_config.run_config(config, "cnn", 1000, 2)
+  assert cnn.model.name == "small_cnn" and cnn.conv_init_alpha == 0.0 and not cnn.mimetic_init
+  assert cnn.dataset.train_size == 1000 and cnn.dataset.seed == 2 and cnn.seed == 2
+  assert "scaling" not in cnn and "scaling" in config  # the grid config is not modified
   with pytest.raises(ValueError, match="model"):
-    grid_config.run_config(config, "vit", 500, 0)
+    grid_config.run_config(config, "attention_learned", 500, 0)  # a fixed-compute model only
+  assert grid_config.get_config("cifar10").dataset.crop_padding == 4
+
+
+def test_fixed_compute_config():
+  config = grid_config.get_config("fixed_compute")
+  assert config.scaling.grid == "fixed_compute"
+  assert set(config.scaling.models) == set(grid_config.FIXED_COMPUTE_MODELS)
+  assert config.batch_size == 64 and config.learning_rate == 0.003
+  assert config.dataset.crop_padding == 0 and config.dataset.flip is False
+  for size in (500, 15000, -1):  # the same steps whatever the size
+    run = grid_config.run_config(config, "attention_conv_init", size, 2)
+    assert (run.num_train_steps, run.eval_every_steps) == (600, 200)
+    assert run.conv_init_alpha == 2.0 and run.model.name == "attention_net"
+  assert grid_config.get_config("fixed_compute,cifar10").dataset.name == "cifar10"
+  smoke = grid_config.get_config("fixed_compute,smoke")
+  assert smoke.num_train_steps == 4 and smoke.scaling.train_sizes == (200, 400)
+
+
+@pytest.mark.parametrize("arg", ["imagenet", "fixed_compute,imagenet", "cifar10,fashion_mnist"])
+def test_bad_config_argument(arg):
+  with pytest.raises(ValueError, match="^arg: expected"):
+    grid_config.get_config(arg)
+
+
+def test_budget_formula():
+  # max(2000 steps, 10 epochs) at batch 100; 10 evaluations.
+  for images, steps in ((1000, 2000), (3000, 2000), (10000, 2000), (30000, 3000), (55000, 5500)):
+    assert grid_config.budget_steps(images, 100, 2000, 10.0) == (steps, images // 100)
+  assert grid_config.budget_steps(2999, 100, 1, 10.0) == (290, 29)  # partial batch dropped
+  assert grid_config.budget_steps(1000, 100, 7, 0.25) == (7, 10)
+  config = grid_config.get_config()
+  for size, steps in ((1000, 2000), (30000, 3000), (-1, 5500)):
+    run = grid_config.run_config(config, "gpsa", size, 0)
+    assert run.num_train_steps == steps
+    assert run.eval_every_steps == run.checkpoint_every_steps == steps // 10
+  assert grid_config.num_train_images(config, -1) == 55000
+  cifar = grid_config.get_config("cifar10")
+  assert grid_config.run_config(cifar, "vit", -1, 0).num_train_steps == 4500  # 45,000 images
+  # The loaded subset's size wins over the nominal one.
+  assert grid_config.run_config(config, "cnn", -1, 0, num_images=20000).num_train_steps == 2000
+  assert grid_config.run_config(config, "cnn", 1000, 0, num_images=3501).eval_every_steps == 200
+  for kwargs, name in (
+    ({"num_images": 0}, "num_images"),
+    ({"batch_size": 0}, "batch_size"),
+    ({"batch_size": 2000}, "batch_size"),
+    ({"min_steps": 0}, "min_steps"),
+    ({"min_epochs": -1.0}, "min_epochs"),
+  ):
+    args = {"num_images": 1000, "batch_size": 100, "min_steps": 1, "min_epochs": 1.0, **kwargs}
+    with pytest.raises(ValueError, match=f"^{name}: expected"):
+      grid_config.budget_steps(**args)
+  with pytest.raises(ValueError, match="^train_size: expected"):
+    grid_config.num_train_images(config, 0)
+  with pytest.raises(TypeError, match="^train_size: expected"):
+    grid_config.num_train_images(config, 1.5)
+  with pytest.raises(ValueError, match="^evaluations: expected"):
+    grid_config.apply_budget(grid_config.run_config(config, "cnn", 1000, 0), 1000, 1, 1.0, 0)
 
 
 def test_grid_points_order_and_errors():
   config = grid_config.get_config("smoke")
-  points = data_scaling.grid_points(config, ["cnn", "attention_quadratic"])
-  assert points == [
-    ("cnn", 200, 0),
-    ("attention_quadratic", 200, 0),
-    ("cnn", 400, 0),
-    ("attention_quadratic", 400, 0),
-  ]
+  points = data_scaling.grid_points(config, ["cnn", "gpsa"])
+  assert points == [("cnn", 200, 0), ("gpsa", 200, 0), ("cnn", 400, 0), ("gpsa", 400, 0)]
   assert len(data_scaling.grid_points(config)) == 2 * len(grid_config.MODELS)
   with pytest.raises(ValueError, match="models"):
     data_scaling.grid_points(config, ["nope"])
 
 
-def test_every_model_trains_one_grid_point(tmp_path, fake_loader):
+RECORD_FIELDS = {
+  "model",
+  "train_size",
+  "seed",
+  "test_accuracy",
+  "val_accuracy",
+  "steps",
+  "epochs",
+  "final_train_accuracy",
+  "params",
+  "train_seconds",
+  "device",
+  "dataset",
+}
+
+
+def test_every_model_trains_one_grid_point(tmp_path, fake_loader, tiny_backbone):
   config = grid_config.get_config("smoke")
-  config.num_train_steps = 1
-  config.eval_every_steps = 1
-  config.checkpoint_every_steps = 1
   points = [(m, 200, 0) for m in grid_config.MODELS]
   data_scaling.run_grid(config, str(tmp_path), points)
   assert fake_loader == [(200, 0)]  # one subset, loaded once for every model
   records = data_scaling.gather(config, str(tmp_path), points)
   assert [r["model"] for r in records] == list(grid_config.MODELS)
   for r in records:
-    assert set(r) >= {
-      "model",
-      "train_size",
-      "seed",
-      "test_accuracy",
-      "val_accuracy",
-      "steps",
-      "params",
-    }
-    assert r["train_size"] == 200 and r["steps"] == 1 and r["params"] > 0
-  # The conv-initialised network has exactly the quadratic network's parameters.
+    assert set(r) == RECORD_FIELDS
+    # Budget max(2 steps, 0.2 epochs of 200 images at batch 20) = 2 steps = 0.2 epochs.
+    assert r["train_size"] == 200 and r["steps"] == 2 and r["epochs"] == pytest.approx(0.2)
+    assert r["params"] > 0 and 0.0 <= r["final_train_accuracy"] <= 1.0
+    assert r["train_seconds"] >= 0.0 and r["device"] == "cpu x4"
   params = {r["model"]: r["params"] for r in records}
   assert params["attention_conv_init"] == params["attention_quadratic"]
+  assert params["vit_mimetic"] == params["vit"] < params["gpsa"]
+  summaries = {
+    m: json.loads((data_scaling.run_dir(tmp_path, m, 200, 0) / "config.json").read_text())
+    for m in grid_config.MODELS
+  }
+  assert summaries["attention_conv_init"]["conv_init_alpha"] == 2.0
+  assert summaries["vit_mimetic"]["mimetic_init"] is True
 
 
 def test_resume_skips_finished_points_then_gather_and_plot(tmp_path, fake_loader):
@@ -127,11 +215,135 @@ def test_resume_skips_finished_points_then_gather_and_plot(tmp_path, fake_loader
   assert (data_scaling.run_dir(tmp_path, *points[0]) / "summary.json").read_text() == first
   records = data_scaling.gather(config, str(tmp_path), points)
   assert [r["train_size"] for r in records] == [200, 400]
-  assert all(r["steps"] == config.num_train_steps for r in records)
-  json.dumps(records)
+  # Each run's budget from its own size: max(2, ceil(0.2 * 200 // 20)) = 2, then 4 steps.
+  assert [r["steps"] for r in records] == [2, 4]
   table = data_scaling.summarize(records + [dict(records[0], seed=1, test_accuracy=0.0)])
   mean, std, count = table["cnn"][200]
   a = records[0]["test_accuracy"]
   assert count == 2 and mean == pytest.approx(a / 2) and std == pytest.approx(a / 2)
   data_scaling.plot(records, tmp_path / "scaling.png")
   assert (tmp_path / "scaling.png").stat().st_size > 1000
+  # A finished run of another budget in the same directory is an error, not a silent skip.
+  config.num_train_steps = 3
+  with pytest.raises(ValueError, match="^workdir: expected"):
+    data_scaling.run_grid(config, str(tmp_path), points[:1])
+
+
+def _records(table: dict[str, dict[int, list[float]]]) -> list[dict]:
+  return [
+    {"model": m, "train_size": n, "seed": s, "test_accuracy": a}
+    for m, sizes in table.items()
+    for n, accs in sizes.items()
+    for s, a in enumerate(accs)
+  ]
+
+
+# Hand-made accuracies, 3 seeds: gpsa - cnn = (-0.05, -0.04, -0.03) at 1000 images,
+# (-0.04, -0.01, 0.02) at 10,000, (-0.01, 0.02, 0.05) at 100,000 (per-seed least-squares slopes
+# 0.02, 0.03, 0.04 per decade); vit = 0.5 everywhere.
+HAND = {
+  "cnn": {1000: [0.80, 0.81, 0.82], 10000: [0.90, 0.90, 0.90], 100000: [0.95, 0.95, 0.95]},
+  "gpsa": {1000: [0.75, 0.77, 0.79], 10000: [0.86, 0.89, 0.92], 100000: [0.94, 0.97, 1.00]},
+  "vit": {1000: [0.50, 0.50, 0.50], 10000: [0.50, 0.50, 0.50], 100000: [0.50, 0.50, 0.50]},
+}
+
+
+def test_paired_intervals_on_a_hand_made_example():
+  records = _records(HAND)
+  summary = data_scaling.analyze(records)
+  # gpsa - cnn at 1000: (-0.05, -0.04, -0.03): mean -0.04, sd 0.01, half-width t * 0.01 / sqrt 3.
+  gap = summary["gap_to_reference"]["gpsa"]["1000"]
+  half = T975_2DOF * 0.01 / math.sqrt(3)
+  assert gap["n"] == 3
+  assert gap["mean"] == pytest.approx(-0.04, abs=1e-12)
+  assert gap["std"] == pytest.approx(0.01, abs=1e-12)
+  assert gap["low"] == pytest.approx(-0.04 - half, abs=1e-12)
+  assert gap["high"] == pytest.approx(-0.04 + half, abs=1e-12)
+  assert half == pytest.approx(0.024841377118, abs=1e-11)
+  # Relative gain over vit = (acc - 0.5) / 0.5: gpsa at 10000 is (0.72, 0.78, 0.84).
+  gain = summary["gain_over_baseline"]["gpsa"]["10000"]
+  assert gain["mean"] == pytest.approx(0.78, abs=1e-12)
+  assert gain["std"] == pytest.approx(0.06, abs=1e-12)
+  assert gain["high"] - gain["mean"] == pytest.approx(T975_2DOF * 0.06 / math.sqrt(3), abs=1e-12)
+  # Accuracy: mean +- sample std.
+  acc = summary["accuracy"]["cnn"]["1000"]
+  assert acc["mean"] == pytest.approx(0.81, abs=1e-12) and acc["std"] == pytest.approx(0.01)
+  assert "cnn" not in summary["gap_to_reference"] and "vit" not in summary["gain_over_baseline"]
+  # The trend: per-seed slopes 0.02, 0.03, 0.04 per decade, interval above 0, the gap starts
+  # below 0: it shrinks.
+  trend = summary["trends"]["gpsa"]
+  slope = trend["slope_per_decade"]
+  assert slope["mean"] == pytest.approx(0.03, abs=1e-12)
+  assert slope["low"] == pytest.approx(0.03 - half, abs=1e-12)
+  assert trend["verdict"] == "shrinks" and trend["shrinks"] is True
+  assert trend["gap_at_smallest"] == pytest.approx(-0.04)
+  # Mean gaps -0.04, -0.01, +0.02: the sign changes a third of a decade above 10,000.
+  assert trend["crossover_size"] == pytest.approx(10 ** (4 + 1 / 3), rel=1e-9)
+  # vit - cnn: -0.30 -> -0.45 on every seed (slopes -0.075, -0.07, -0.065): it grows.
+  assert summary["trends"]["vit"]["verdict"] == "grows"
+  assert summary["trends"]["vit"]["crossover_size"] is None
+  json.dumps(summary, allow_nan=False)
+  text = data_scaling.format_summary(summary)
+  assert "shrinks" in text and "gpsa" in text
+
+
+def test_crossover_and_verdicts():
+  def trend(gaps_by_size):
+    table = {"cnn": {}, "m": {}}
+    for n, gaps in gaps_by_size.items():
+      table["cnn"][n] = [0.5] * len(gaps)
+      table["m"][n] = [0.5 + g for g in gaps]
+    return data_scaling.gap_trends(_records(table))["m"]
+
+  crossing = trend({1000: [-0.02, -0.02, -0.02], 10000: [0.02, 0.01, 0.03]})
+  assert crossing["crossover_size"] == pytest.approx(10**3.5, rel=1e-9)
+  assert crossing["verdict"] == "shrinks"
+  widening = trend({1000: [-0.01, -0.01, -0.01], 10000: [-0.03, -0.04, -0.035]})
+  assert widening["verdict"] == "grows" and widening["shrinks"] is False
+  flat = trend({1000: [-0.01, -0.02, -0.01], 10000: [-0.02, -0.01, -0.01]})
+  assert flat["verdict"] == "no detectable trend"
+  one_seed = trend({1000: [-0.01], 10000: [-0.02]})
+  assert one_seed["verdict"] == "undetermined" and one_seed["slope_per_decade"]["low"] is None
+
+
+@st.composite
+def paired_samples(draw):
+  n = draw(st.integers(2, 6))
+  values = st.floats(0.0, 1.0, allow_nan=False, allow_infinity=False)
+  return draw(st.lists(values, min_size=n, max_size=n))
+
+
+@given(paired_samples())
+def test_t_interval_contains_the_mean_and_matches_scipy(values):
+  from scipy import stats
+
+  ci = data_scaling.t_interval(values)
+  n = len(values)
+  assert ci["n"] == n and ci["low"] <= ci["mean"] <= ci["high"]
+  half = stats.t.ppf(0.975, n - 1) * np.std(values, ddof=1) / math.sqrt(n)
+  assert ci["mean"] == pytest.approx(np.mean(values), abs=1e-12)
+  assert (ci["low"], ci["high"]) == pytest.approx((ci["mean"] - half, ci["mean"] + half), abs=1e-12)
+
+
+def test_t_interval_errors():
+  with pytest.raises(ValueError, match="^values: expected"):
+    data_scaling.t_interval([])
+  with pytest.raises(ValueError, match="^confidence: expected"):
+    data_scaling.t_interval([0.1, 0.2], confidence=1.0)
+  single = data_scaling.t_interval([0.3])
+  assert single["mean"] == 0.3 and single["low"] is None and single["n"] == 1
+
+
+def test_results_file_formats(tmp_path):
+  records = _records(HAND)
+  new = tmp_path / "new.json"
+  new.write_text(json.dumps({"records": records, "summary": data_scaling.analyze(records)}))
+  old = tmp_path / "list.json"
+  old.write_text(json.dumps(records))  # a plain list of records
+  assert data_scaling.load_records(new) == data_scaling.load_records(old) == records
+  bad = tmp_path / "bad.json"
+  bad.write_text(json.dumps({"runs": []}))
+  with pytest.raises(ValueError, match="^path: expected"):
+    data_scaling.load_records(bad)
+  data_scaling.plot(records, tmp_path / "hand.png")
+  assert (tmp_path / "hand.png").stat().st_size > 1000
