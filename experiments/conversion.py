@@ -1,13 +1,28 @@
-"""A CNN run exactly as self-attention (Theorem 1 in practice), then fine-tuned as free attention.
+"""Convolutions as attention: a CNN run exactly as self-attention, and T-CNN fine-tuning.
 
 Usage::
 
   python -m experiments.conversion --config=experiments/configs/conversion.py \
     --workdir=runs/conversion [--out=experiments/results/conversion.json]
+  python -m experiments.conversion --config=experiments/configs/conversion.py:finetune \
+    --workdir=runs/conversion_finetune
 
-See ``experiments/configs/conversion.py`` for the stages. Every training stage is a
-:func:`experiments.train.train_and_evaluate` run in its own sub-directory, so rerunning the command
-after a kill resumes the unfinished stage and skips the finished ones.
+The config's ``conversion.study`` picks the study (``experiments/configs/conversion.py``):
+
+* ``"exactness"`` (:func:`run`): the CNN as hard and soft attention, then fine-tuned as free
+  attention; writes ``<workdir>/conversion.json`` and ``--out`` (default
+  ``experiments/results/conversion.json``).
+* ``"finetune"`` (:func:`run_finetune`): per seed, a SmallCNN, then the arms of
+  :data:`FINETUNE_ARMS` (the CNN fine-tuned, the T-CNN -- last stage recast as GPSA -- fine-tuned,
+  and the hybrid from scratch), each evaluated clean and under the corruptions of
+  :mod:`experiments.corruptions`; paired differences with t intervals. Writes
+  ``<workdir>/conversion_finetune.json``, ``--out`` (default
+  ``experiments/results/conversion_finetune.json``) and ``--plot`` (default
+  ``experiments/results/conversion_finetune.png``).
+
+Every training stage is a :func:`experiments.train.train_and_evaluate` run in its own
+sub-directory, so rerunning the command after a kill resumes the unfinished stage and skips the
+finished ones.
 """
 
 from __future__ import annotations
@@ -28,6 +43,9 @@ from ml_collections import config_flags  # noqa: E402
 FLAGS = flags.FLAGS
 
 FINETUNE_STAGES = ("cnn_continued", "attention_free", "attention_content")
+# The arms of the T-CNN study (run_finetune), each started per seed from the trained CNN or
+# (hybrid_scratch) from scratch.
+FINETUNE_ARMS = ("cnn_finetune", "tcnn", "tcnn_open_gate", "hybrid_scratch")
 
 
 def stage_config(config, stage: str):
@@ -59,10 +77,26 @@ def stage_config(config, stage: str):
 
 
 def load_best(workdir: str | os.PathLike) -> dict:
-  """``{'params', 'batch_stats'}`` of the best-validation checkpoint of a trainer run."""
-  from experiments.evaluate import restore_variables
+  """``{'params', 'batch_stats'}`` of the best-validation checkpoint of a trainer run.
 
-  return restore_variables(workdir, which="best")[1]
+  Read here with orbax rather than through :mod:`experiments.evaluate`, whose command-line flags
+  (defined when it is imported) would clash with this module's.
+
+  Raises:
+    FileNotFoundError: naming ``workdir`` if it holds no best checkpoint.
+  """
+  import orbax.checkpoint as ocp
+
+  directory = (pathlib.Path(workdir) / "best").absolute()
+  with ocp.CheckpointManager(directory) as manager:
+    step = manager.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"workdir: no best checkpoint in {directory}")
+    restored = manager.restore(step, args=ocp.args.StandardRestore())
+  variables = {"params": restored["params"]}
+  if restored.get("batch_stats"):
+    variables["batch_stats"] = restored["batch_stats"]
+  return variables
 
 
 def predict(model, variables, dataset, images, batch_size: int = 500):
@@ -207,11 +241,325 @@ def run(config, workdir: str | os.PathLike, *, dataset=None) -> dict[str, Any]:
   return results
 
 
+# ----------------------------------------------------------------------------------------------
+# The T-CNN study: fine-tuned CNN vs T-CNN vs the hybrid from scratch, clean and corrupted.
+
+
+def arm_config(config, arm: str, seed: int):
+  """The trainer config of ``"cnn"`` or an arm of :data:`FINETUNE_ARMS` for ``seed``.
+
+  ``cnn``: the config's model for ``cnn_epochs`` epochs. ``cnn_finetune``: the same model for
+  ``finetune_epochs`` at ``finetune_lr``. ``tcnn``, ``tcnn_open_gate``: an AttentionCNN with the
+  ``attention_layers`` as GPSA (the CNN's other fields), ``finetune_epochs`` at ``finetune_lr``.
+  ``hybrid_scratch``: that AttentionCNN with ConViT's local initialisation
+  (``scratch_locality_strength``, gate ``open_gate_init``) for ``cnn_epochs + finetune_epochs``
+  at the CNN's learning rate. Every run has ``seed`` as its seed; the data split is the config's.
+
+  Raises:
+    ValueError: if ``arm`` is neither ``"cnn"`` nor an arm of :data:`FINETUNE_ARMS`.
+  """
+  import ml_collections
+
+  if arm != "cnn" and arm not in FINETUNE_ARMS:
+    raise ValueError(f"arm: expected 'cnn' or one of {FINETUNE_ARMS}, got {arm!r}")
+  run = ml_collections.ConfigDict(config.to_dict())
+  del run["conversion"]
+  c = config.conversion
+  run.seed = int(seed)
+  epochs = {
+    "cnn": c.cnn_epochs,
+    "hybrid_scratch": c.cnn_epochs + c.finetune_epochs,
+  }.get(arm, c.finetune_epochs)
+  if epochs > 0:  # else the config's num_train_steps (smoke runs)
+    run.num_epochs = epochs
+  if arm in ("cnn_finetune", "tcnn", "tcnn_open_gate"):
+    run.learning_rate = c.finetune_lr
+  if arm in ("tcnn", "tcnn_open_gate", "hybrid_scratch"):
+    fields = run.model.to_dict()
+    fields.update(
+      name="attention_cnn",
+      encoding="gpsa",
+      attention_layers=tuple(c.attention_layers),
+      qk_features=int(c.qk_features),
+      gate_init=float(c.gate_init if arm == "tcnn" else c.open_gate_init),
+    )
+    if arm == "hybrid_scratch":
+      fields["locality_strength"] = float(c.scratch_locality_strength)
+    run.model = ml_collections.ConfigDict(fields)
+  return run
+
+
+def _gate_stats(params: Any) -> dict[str, Any]:
+  """Per GPSA layer: the gates and the content weights ``sigmoid(-gate)`` (mean, max)."""
+  import numpy as np
+
+  stats = {}
+  for name in sorted(params):
+    layer = params[name]
+    if isinstance(layer, dict) and "gate" in layer:
+      gate = np.asarray(layer["gate"], np.float64)
+      weight = 1.0 / (1.0 + np.exp(gate))
+      stats[name] = {
+        "gate": np.round(gate, 4).tolist(),
+        "content_weight_mean": float(weight.mean()),
+        "content_weight_max": float(weight.max()),
+      }
+  return stats
+
+
+def _accuracy_fn(model, dataset, batch_size: int = 500):
+  """``(variables, images uint8, labels) -> accuracy``, one compiled forward pass per model."""
+  import jax
+  import numpy as np
+
+  from experiments import input_pipeline
+
+  @jax.jit
+  def logits_fn(v, x):
+    return model.apply(v, input_pipeline.normalize(x, dataset.mean, dataset.std), train=False)
+
+  def accuracy(variables, images, labels) -> float:
+    correct = 0
+    for i in range(0, images.shape[0], batch_size):
+      logits = np.asarray(logits_fn(variables, images[i : i + batch_size]))
+      correct += int((logits.argmax(-1) == labels[i : i + batch_size]).sum())
+    return correct / images.shape[0]
+
+  return accuracy
+
+
+def _paired(per_seed: dict, a: str, b: str, metrics: list[str]) -> dict[str, Any]:
+  from experiments.data_scaling import t_interval
+
+  seeds = sorted(set(per_seed.get(a, {})) & set(per_seed.get(b, {})))
+  if not seeds:
+    return {}
+  return {m: t_interval([per_seed[a][s][m] - per_seed[b][s][m] for s in seeds]) for m in metrics}
+
+
+def run_finetune(config, workdir: str | os.PathLike, *, dataset=None) -> dict[str, Any]:
+  """Runs (or resumes) the T-CNN study and returns its results (also
+  ``<workdir>/conversion_finetune.json``); see ``experiments/configs/conversion.py``.
+
+  Returns:
+    ``{"dataset", "device", "device_kind", "settings", "metrics", "runs": {arm: {seed: record}},
+    "summary": {arm: {metric: t_interval}}, "paired": {"a - b": {metric: t_interval}}}`` with
+    ``arm`` in ``("cnn", *arms)`` and a record ``{"clean", "corruptions": {key: accuracy},
+    "translations": {key: {direction: accuracy}}, "mean_corrupted", "best_val_accuracy",
+    "final_test_accuracy", "steps", "epochs", "train_seconds", "num_params", ...}``; fine-tuned
+    arms add ``start_test_accuracy``, GPSA arms ``gates`` (``start``, ``end``).
+  """
+  import jax
+  import numpy as np
+
+  from attnconv.models.conv_init import transformed_cnn_from_cnn
+  from experiments import corruptions
+  from experiments import train as train_lib
+  from experiments.data_scaling import t_interval
+
+  c = config.conversion
+  arms = tuple(c.arms)
+  unknown = [a for a in arms if a not in FINETUNE_ARMS]
+  if unknown:
+    raise ValueError(f"config.conversion.arms: expected names from {FINETUNE_ARMS}, got {unknown}")
+  workdir = pathlib.Path(workdir)
+  seeds = [int(s) for s in c.seeds]
+  if dataset is None:
+    dataset = train_lib.load_dataset_from_config(arm_config(config, "cnn", seeds[0]))
+  images, labels = dataset.test_images, dataset.test_labels
+
+  trained: dict[str, dict[int, tuple[Any, dict]]] = {}  # arm -> seed -> (variables, record)
+  for seed in seeds:
+    cnn_config = arm_config(config, "cnn", seed)
+    summary = train_lib.train_and_evaluate(
+      cnn_config, workdir / "cnn" / f"s{seed}", dataset=dataset
+    )
+    best = load_best(workdir / "cnn" / f"s{seed}")
+    trained.setdefault("cnn", {})[seed] = (best, _run_record(summary))
+    for arm in arms:
+      run_config = arm_config(config, arm, seed)
+      init = None
+      if arm == "cnn_finetune":
+        init = best
+      elif arm in ("tcnn", "tcnn_open_gate"):
+        init = transformed_cnn_from_cnn(
+          best,
+          layers=tuple(c.attention_layers),
+          alpha=float(c.alpha),
+          gate_init=float(c.gate_init if arm == "tcnn" else c.open_gate_init),
+          qk_features=int(c.qk_features),
+          rng=jax.random.key(seed),
+        )
+      path = workdir / arm / f"s{seed}"
+      summary = train_lib.train_and_evaluate(run_config, path, dataset=dataset, init_variables=init)
+      variables = load_best(path)
+      record = _run_record(summary)
+      model = train_lib._build_model(run_config, dataset.num_classes)
+      if init is not None:
+        record["start_test_accuracy"] = _accuracy_fn(model, dataset)(init, images, labels)
+      if arm != "cnn_finetune":
+        record["gates"] = {
+          "start": None if init is None else _gate_stats(init["params"]),
+          "end": _gate_stats(variables["params"]),
+        }
+      trained.setdefault(arm, {})[seed] = (variables, record)
+
+  # Clean and corrupted test accuracy of every best checkpoint (one compiled forward per model).
+  models = {
+    arm: train_lib._build_model(arm_config(config, arm, seeds[0]), dataset.num_classes)
+    for arm in trained
+  }
+  accuracy = {arm: _accuracy_fn(models[arm], dataset) for arm in trained}
+  for arm, runs in trained.items():
+    for variables, record in runs.values():
+      record["clean"] = accuracy[arm](variables, images, labels)
+      record["corruptions"], record["translations"] = {}, {}
+  order = {name: i for i, name in enumerate(corruptions.CORRUPTIONS)}
+  names = sorted(c.corruptions, key=lambda k: order.get(k, -1))  # in CORRUPTIONS' order
+  suite = corruptions.corruption_suite({k: tuple(c.corruptions[k]) for k in names})
+  keys = list(dict.fromkeys(key for key, *_ in suite))
+  for key, name, severity, direction in suite:
+    corrupted = corruptions.corrupt(
+      images, name, severity, seed=int(c.corruption_seed), direction=direction
+    )
+    for arm, runs in trained.items():
+      for variables, record in runs.values():
+        acc = accuracy[arm](variables, corrupted, labels)
+        if name == "translate":
+          record["translations"].setdefault(key, {})[f"{direction[0]},{direction[1]}"] = acc
+        else:
+          record["corruptions"][key] = acc
+  for runs in trained.values():
+    for _, record in runs.values():
+      for key, by_direction in record["translations"].items():
+        record["corruptions"][key] = float(np.mean(list(by_direction.values())))
+      record["corruptions"] = {k: record["corruptions"][k] for k in keys}
+      record["mean_corrupted"] = float(np.mean(list(record["corruptions"].values())))
+
+  metrics = ["clean", *keys, "mean_corrupted"]
+  per_seed = {
+    arm: {
+      seed: {
+        m: record[m] if m in ("clean", "mean_corrupted") else record["corruptions"][m]
+        for m in metrics
+      }
+      for seed, (_, record) in runs.items()
+    }
+    for arm, runs in trained.items()
+  }
+  reference = str(c.reference_arm)
+  comparisons = [(a, reference) for a in arms if a != reference]
+  comparisons += [tuple(p) for p in c.get("extra_comparisons", ()) if set(p) <= set(arms)]
+  device = jax.devices()[0]
+  results = {
+    "dataset": config.dataset.name,
+    "device": f"{device.platform} x{jax.device_count()}",
+    "device_kind": device.device_kind,
+    "settings": json.loads(json.dumps(c.to_dict())),
+    "metrics": metrics,
+    "runs": {
+      arm: {str(seed): record for seed, (_, record) in runs.items()}
+      for arm, runs in trained.items()
+    },
+    "summary": {
+      arm: {m: t_interval([v[m] for v in seeds_.values()]) for m in metrics}
+      for arm, seeds_ in per_seed.items()
+    },
+    "paired": {f"{a} - {b}": _paired(per_seed, a, b, metrics) for a, b in comparisons},
+  }
+  (workdir / "conversion_finetune.json").write_text(json.dumps(results, indent=1) + "\n")
+  return results
+
+
+def _run_record(summary: dict) -> dict[str, Any]:
+  keys = (
+    "num_params",
+    "best_val_accuracy",
+    "final_test_accuracy",
+    "steps",
+    "epochs",
+    "train_seconds",
+  )
+  return {k: summary[k] for k in keys}
+
+
+def format_finetune(results: dict[str, Any]) -> str:
+  """The T-CNN study's summary and paired differences as text."""
+
+  def cell(v: dict, fmt: str) -> str:
+    if v["low"] is None:
+      return f"{100 * v['mean']:{fmt}}"
+    return f"{100 * v['mean']:{fmt}} [{100 * v['low']:{fmt}}, {100 * v['high']:{fmt}}]"
+
+  lines = ["test accuracy (%), mean [95% t interval] over seeds"]
+  for arm, metrics in results["summary"].items():
+    row = "  ".join(f"{m}: {cell(v, '.2f')}" for m, v in metrics.items())
+    lines.append(f"  {arm:16s} {row}")
+  lines.append("paired differences (accuracy points), mean [95% t interval]")
+  for name, metrics in results["paired"].items():
+    row = "  ".join(f"{m}: {cell(v, '+.2f')}" for m, v in metrics.items())
+    lines.append(f"  {name:34s} {row}")
+  return "\n".join(lines)
+
+
+def plot_finetune(results: dict[str, Any], path: str | os.PathLike) -> None:
+  """Accuracy per metric (clean, each corruption, their mean) for every arm, and the paired
+  differences with 95% intervals, into ``path``."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  import numpy as np
+
+  metrics = results["metrics"]
+  x = np.arange(len(metrics))
+  fig, axes = plt.subplots(2, 1, figsize=(max(8.0, 0.7 * len(metrics)), 7.5), sharex=True)
+  panels = ((axes[0], results["summary"], "test accuracy"),)
+  panels += ((axes[1], results["paired"], "paired difference"),)
+  for ax, table, label in panels:
+    width = 0.8 / max(len(table), 1)
+    for i, (name, by_metric) in enumerate(table.items()):
+      if not by_metric:
+        continue
+      mean = np.array([by_metric[m]["mean"] for m in metrics])
+      low = np.array(
+        [by_metric[m]["low"] if by_metric[m]["low"] is not None else np.nan for m in metrics]
+      )
+      high = np.array(
+        [by_metric[m]["high"] if by_metric[m]["high"] is not None else np.nan for m in metrics]
+      )
+      pos = x - 0.4 + width * (i + 0.5)
+      err = np.nan_to_num(np.stack([mean - low, high - mean]))
+      ax.errorbar(pos, mean, yerr=err, fmt="o", ms=3, capsize=2, label=name)
+    if table is results["paired"]:
+      ax.axhline(0.0, color="k", lw=0.8)
+    ax.set_ylabel(f"{label} (95% t interval)")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+  axes[1].set_xticks(x, metrics, rotation=45, ha="right", fontsize=7)
+  seeds = len(next(iter(results["runs"].values()), {}))
+  fig.suptitle(f"T-CNN fine-tuning on {results['dataset']}: {seeds} seeds", fontsize=10)
+  fig.tight_layout()
+  pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=130)
+  plt.close(fig)
+
+
 def _define_flags() -> None:
   """Command-line flags (defined only when run as a script, so the module imports cleanly)."""
   flags.DEFINE_string("workdir", None, "Root directory of the stages' runs.")
-  flags.DEFINE_string("out", "experiments/results/conversion.json", "Where to copy the results.")
-  config_flags.DEFINE_config_file("config", None, "experiments/configs/conversion.py")
+  flags.DEFINE_string(
+    "out",
+    "",
+    "Where to copy the results (default: experiments/results/conversion.json, or "
+    "conversion_finetune.json for the finetune study).",
+  )
+  flags.DEFINE_string(
+    "plot",
+    "",
+    "Figure of the finetune study (default experiments/results/conversion_finetune.png).",
+  )
+  config_flags.DEFINE_config_file("config", None, "experiments/configs/conversion.py[:arg]")
   flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -220,11 +568,19 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
   if not FLAGS["verbosity"].present:
     absl_logging.set_verbosity(absl_logging.WARNING)
+  if FLAGS.config.conversion.get("study", "exactness") == "finetune":
+    results = run_finetune(FLAGS.config, FLAGS.workdir)
+    out = FLAGS.out or "experiments/results/conversion_finetune.json"
+    pathlib.Path(out).parent.mkdir(parents=True, exist_ok=True)
+    pathlib.Path(out).write_text(json.dumps(results, indent=1) + "\n")
+    plot_finetune(results, FLAGS.plot or "experiments/results/conversion_finetune.png")
+    print(format_finetune(results), flush=True)
+    return
   results = run(FLAGS.config, FLAGS.workdir)
   text = json.dumps(results, indent=1) + "\n"
-  if FLAGS.out:
-    pathlib.Path(FLAGS.out).parent.mkdir(parents=True, exist_ok=True)
-    pathlib.Path(FLAGS.out).write_text(text)
+  out = FLAGS.out or "experiments/results/conversion.json"
+  pathlib.Path(out).parent.mkdir(parents=True, exist_ok=True)
+  pathlib.Path(out).write_text(text)
   print(json.dumps({k: v for k, v in results.items() if k != "finetune"}, indent=1))
   for stage, record in results["finetune"].items():
     print(

@@ -59,3 +59,95 @@ def test_run_end_to_end_and_resume(tmp_path):
   again = conversion.run(config, tmp_path, dataset=dataset)
   assert (tmp_path / "cnn" / "summary.json").read_text() == before
   assert again["cnn"]["test_accuracy_of_best"] == results["cnn"]["test_accuracy_of_best"]
+
+
+# ----------------------------------------------------------------------------------------------
+# The T-CNN study (conversion.py:finetune).
+
+
+def test_finetune_arm_configs():
+  config = conversion_config.get_config("finetune")
+  c = config.conversion
+  assert c.study == "finetune" and c.seeds == (0, 1, 2)
+  assert c.finetune_epochs >= 10 and c.cnn_epochs == 10
+  assert tuple(c.arms) == conversion.FINETUNE_ARMS
+  cnn = conversion.arm_config(config, "cnn", 1)
+  assert "conversion" not in cnn and cnn.num_epochs == 10 and cnn.seed == 1
+  assert cnn.model.name == "small_cnn" and cnn.learning_rate == config.learning_rate
+  finetune = conversion.arm_config(config, "cnn_finetune", 1)
+  assert finetune.model.to_dict() == cnn.model.to_dict()
+  assert finetune.num_epochs == c.finetune_epochs and finetune.learning_rate == c.finetune_lr
+  tcnn = conversion.arm_config(config, "tcnn", 2)
+  assert tcnn.model.name == "attention_cnn" and tcnn.model.encoding == "gpsa"
+  assert tuple(tcnn.model.attention_layers) == ("conv3",) and tcnn.model.gate_init == 17.0
+  for key in ("features", "pool", "downsample"):  # the CNN with its last stage swapped
+    assert tcnn.model[key] == cnn.model[key]
+  assert tcnn.num_epochs == c.finetune_epochs and tcnn.learning_rate == c.finetune_lr
+  assert conversion.arm_config(config, "tcnn_open_gate", 0).model.gate_init == 1.0
+  scratch = conversion.arm_config(config, "hybrid_scratch", 0)
+  assert scratch.num_epochs == c.cnn_epochs + c.finetune_epochs
+  assert scratch.learning_rate == config.learning_rate
+  assert scratch.model.locality_strength == 1.0 and scratch.model.gate_init == 1.0
+  # The same data split for every arm and seed.
+  assert (
+    len({conversion.arm_config(config, a, s).dataset.seed for a in c.arms for s in c.seeds}) == 1
+  )
+  with pytest.raises(ValueError, match="^arm: expected"):
+    conversion.arm_config(config, "vit", 0)
+  smoke = conversion_config.get_config("finetune,smoke")
+  assert smoke.conversion.seeds == (0,) and smoke.num_train_steps == 2
+  assert conversion_config.get_config().conversion.study == "exactness"
+
+
+def test_finetune_end_to_end(tmp_path):
+  config = conversion_config.get_config("finetune,smoke")
+  dataset = _synthetic(60)
+  results = conversion.run_finetune(config, tmp_path, dataset=dataset)
+  arms = ("cnn", *conversion.FINETUNE_ARMS)
+  assert tuple(results["runs"]) == arms
+  keys = ["gaussian_noise:0.1", "gaussian_blur:1", "translate:2"]
+  assert results["metrics"] == ["clean", *keys, "mean_corrupted"]
+  cnn = results["runs"]["cnn"]["0"]
+  for arm in arms:
+    record = results["runs"][arm]["0"]
+    assert list(record["corruptions"]) == keys
+    assert set(record["translations"]["translate:2"]) == {"0,1", "0,-1", "1,0", "-1,0"}
+    assert record["mean_corrupted"] == pytest.approx(np.mean(list(record["corruptions"].values())))
+    assert 0.0 <= record["clean"] <= 1.0 and record["steps"] == 2
+    # The clean accuracy of the best checkpoint is the trainer's model-selected test accuracy.
+    assert record["clean"] == pytest.approx(record["final_test_accuracy"])
+  # Fine-tuning starts from the CNN's function: the T-CNN (content gated off) exactly.
+  for arm in ("cnn_finetune", "tcnn"):
+    assert results["runs"][arm]["0"]["start_test_accuracy"] == cnn["clean"]
+  gates = results["runs"]["tcnn"]["0"]["gates"]
+  assert gates["start"]["conv3"]["content_weight_max"] == pytest.approx(1 / (1 + np.exp(17.0)))
+  assert results["runs"]["tcnn_open_gate"]["0"]["gates"]["start"]["conv3"]["gate"] == [1.0] * 9
+  assert results["runs"]["hybrid_scratch"]["0"]["gates"]["start"] is None
+  # Paired differences (one seed: means only) against the fine-tuned CNN, and T-CNN vs scratch.
+  assert set(results["paired"]) == {
+    "tcnn - cnn_finetune",
+    "tcnn_open_gate - cnn_finetune",
+    "hybrid_scratch - cnn_finetune",
+    "tcnn - hybrid_scratch",
+    "tcnn_open_gate - hybrid_scratch",
+  }
+  diff = results["paired"]["tcnn - cnn_finetune"]["clean"]
+  want = results["runs"]["tcnn"]["0"]["clean"] - results["runs"]["cnn_finetune"]["0"]["clean"]
+  assert diff["mean"] == pytest.approx(want) and diff["low"] is None and diff["n"] == 1
+  saved = json.loads((tmp_path / "conversion_finetune.json").read_text())
+  assert saved["paired"] == json.loads(json.dumps(results["paired"]))
+  assert "tcnn" in conversion.format_finetune(results)
+  conversion.plot_finetune(results, tmp_path / "finetune.png")
+  assert (tmp_path / "finetune.png").stat().st_size > 1000
+  # Resuming retrains nothing (the same summaries) and gives the same results.
+  before = (tmp_path / "tcnn" / "s0" / "summary.json").read_text()
+  again = conversion.run_finetune(config, tmp_path, dataset=dataset)
+  assert (tmp_path / "tcnn" / "s0" / "summary.json").read_text() == before
+  assert again["runs"]["tcnn"]["0"]["clean"] == results["runs"]["tcnn"]["0"]["clean"]
+
+
+def test_finetune_rejects_unknown_arms(tmp_path):
+  config = conversion_config.get_config("finetune,smoke")
+  config.conversion.arms = ("cnn_finetune", "vit")
+  with pytest.raises(ValueError, match="arms: expected"):
+    conversion.run_finetune(config, tmp_path, dataset=_synthetic(60))
