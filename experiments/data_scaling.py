@@ -154,7 +154,7 @@ def gather(config, workdir: str, points: Sequence[tuple[str, int, int]]) -> list
         "test_accuracy": summary["final_test_accuracy"],
         "val_accuracy": summary["best_val_accuracy"],
         "steps": summary["steps"],
-        "epochs": round(float(summary.get("epochs", float("nan"))), 3),
+        "epochs": round(float(summary["epochs"]), 3) if "epochs" in summary else None,
         "final_train_accuracy": _last_train_accuracy(path),
         "params": summary["num_params"],
         "train_seconds": round(float(summary["train_seconds"]), 1),
