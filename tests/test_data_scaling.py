@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from attnconv.construction import conv_head_offsets
 from experiments import data_scaling
 from experiments import train as train_lib
 from experiments.configs import data_scaling as grid_config
@@ -202,6 +203,12 @@ def test_every_model_trains_one_grid_point(tmp_path, fake_loader, tiny_backbone)
   }
   assert summaries["attention_conv_init"]["conv_init_alpha"] == 2.0
   assert summaries["vit_mimetic"]["mimetic_init"] is True
+  # The conv-initialised prior starts with its centres on the kernel's shifts at alpha = 2.
+  centers = data_scaling.run_dir(tmp_path, "attention_conv_init", 200, 0) / "centers.jsonl"
+  first = json.loads(centers.read_text().splitlines()[0])
+  for layer in ("block_0/attention", "block_1/attention"):
+    np.testing.assert_array_equal(first["centers"][layer], conv_head_offsets((3, 3)))
+    np.testing.assert_allclose(first["alpha"][layer], 2.0, rtol=1e-6)
 
 
 def test_resume_skips_finished_points_then_gather_and_plot(tmp_path, fake_loader):

@@ -1,19 +1,14 @@
-"""The convolutional priors on the shared backbone (experiments/configs/priors.py)."""
+"""The convolutional priors on the shared backbone (experiments/configs/priors.py); every prior
+trains through the grid runner in tests/test_data_scaling.py."""
 
 from __future__ import annotations
 
-import json
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
-from attnconv.construction import conv_head_offsets
 from attnconv.models import build_model, count_params
-from experiments import train as train_lib
 from experiments.configs import priors
-from tests.test_data_scaling import _synthetic
 
 # Parameters on Fashion-MNIST (28x28x1, 10 classes).
 COUNTS = {
@@ -60,26 +55,3 @@ def test_prior_fields_are_the_command_line_switches():
       priors.get_config(bad)
   with pytest.raises(ValueError, match="^prior: expected"):
     priors.apply_prior(priors.get_config(), "resnet")
-
-
-# vit and attention_quadratic run the same code paths as vit_mimetic and attention_conv_init
-# (without their initialisation step).
-@pytest.mark.parametrize(
-  "prior", ["vit_mimetic", "gpsa", "attention_conv_init", "attention_learned_content"]
-)
-def test_every_prior_trains_through_the_trainer(prior, tmp_path):
-  """Two steps of each prior's smoke config: finite metrics, the prior's initialisation applied."""
-  config = priors.get_config(f"{prior},smoke")
-  config.num_train_steps = config.eval_every_steps = config.checkpoint_every_steps = 2
-  config.batch_size, config.progress_bar, config.plot = 8, False, False
-  config.model.hidden_size, config.model.mlp_dim, config.model.num_layers = 18, 8, 2
-  if prior == "gpsa":
-    config.model.gpsa_layers = 1
-  summary = train_lib.train_and_evaluate(config, tmp_path, dataset=_synthetic(40))
-  assert np.isfinite(summary["final_test_accuracy"])
-  if prior == "attention_conv_init":  # the logged initial centres are the kernel's shifts
-    first = json.loads((tmp_path / train_lib.CENTERS_FILE).read_text().splitlines()[0])
-    for i in range(2):
-      centers = np.asarray(first["centers"][f"block_{i}/attention"])
-      np.testing.assert_array_equal(centers, conv_head_offsets((3, 3)))
-      np.testing.assert_allclose(first["alpha"][f"block_{i}/attention"], 2.0, rtol=1e-6)

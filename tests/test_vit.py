@@ -81,7 +81,7 @@ def vit_configs(draw):
   return config, shape
 
 
-@settings(max_examples=6)
+@settings(max_examples=3)
 @given(vit_configs())
 def test_forward_shape_dtype_and_count(case):
   config, shape = case
