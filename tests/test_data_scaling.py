@@ -17,35 +17,16 @@ from experiments import train as train_lib
 from experiments.configs import data_scaling as grid_config
 from experiments.configs import priors
 from experiments.input_pipeline import Dataset
+from tests.synthetic import synthetic_dataset
 
 # Student t quantile t_{0.975, 2} (3 seeds, 2 degrees of freedom), from the t table.
 T975_2DOF = 4.302652729749464
 
 
 def _synthetic(train_size: int) -> Dataset:
-  rng = np.random.default_rng(train_size)
-
-  def make(n):
-    labels = rng.integers(0, 10, n).astype(np.int32)
-    images = (rng.integers(0, 40, (n, 28, 28, 1)) + 20 * labels[:, None, None, None]).astype(
-      np.uint8
-    )
-    return images, labels
-
-  (tri, trl), (vai, val), (tei, tel) = make(train_size), make(20), make(20)
-  return Dataset(
-    name="synthetic",
-    train_images=tri,
-    train_labels=trl,
-    val_images=vai,
-    val_labels=val,
-    test_images=tei,
-    test_labels=tel,
-    num_classes=10,
-    mean=(0.5,),
-    std=(0.25,),
-    crop_padding=2,
-    flip=True,
+  """10 classes, 28x28x1 images, ``train_size`` train, 20 val, 20 test."""
+  return synthetic_dataset(
+    train_size, 20, 20, num_classes=10, hw=28, noise=40, step=20, crop_padding=2, seed=train_size
   )
 
 

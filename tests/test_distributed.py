@@ -39,32 +39,11 @@ EVAL_STEPS = [4, 8]
 
 
 def _synthetic_dataset():
-  """4 classes told apart by brightness; 8x8x1 images, 64 train, 24 val, 20 test (the last
-  evaluation batch of 8 is padded, unevenly across processes); random crops and flips on."""
-  from experiments.input_pipeline import Dataset
+  """4 classes, 8x8x1 images, 64 train, 24 val, 20 test (the last evaluation batch of 8 is
+  padded, unevenly across processes); random crops and flips on."""
+  from tests.synthetic import synthetic_dataset
 
-  rng = np.random.default_rng(0)
-
-  def make(n):
-    labels = rng.integers(0, 4, n).astype(np.int32)
-    noise = rng.integers(0, 60, (n, 8, 8, 1))
-    return (noise + labels[:, None, None, None] * 60).astype(np.uint8), labels
-
-  (tri, trl), (vai, val), (tei, tel) = make(64), make(24), make(20)
-  return Dataset(
-    name="synthetic",
-    train_images=tri,
-    train_labels=trl,
-    val_images=vai,
-    val_labels=val,
-    test_images=tei,
-    test_labels=tel,
-    num_classes=4,
-    mean=(0.5,),
-    std=(0.25,),
-    crop_padding=1,
-    flip=True,
-  )
+  return synthetic_dataset(64, 24, 20)
 
 
 def _tiny_config(**overrides):

@@ -15,33 +15,12 @@ import pytest
 from experiments import train as train_lib
 from experiments.configs import common
 from experiments.input_pipeline import Dataset
+from tests.synthetic import synthetic_dataset
 
 
 def _synthetic_dataset(hw: int = 8, channels: int = 1) -> Dataset:
   """4 classes told apart by brightness; 64 train, 16 val, 20 test images."""
-  rng = np.random.default_rng(0)
-
-  def make(n):
-    labels = rng.integers(0, 4, n).astype(np.int32)
-    noise = rng.integers(0, 60, (n, hw, hw, channels))
-    images = (noise + labels[:, None, None, None] * 60).astype(np.uint8)
-    return images, labels
-
-  (tri, trl), (vai, val), (tei, tel) = make(64), make(16), make(20)
-  return Dataset(
-    name="synthetic",
-    train_images=tri,
-    train_labels=trl,
-    val_images=vai,
-    val_labels=val,
-    test_images=tei,
-    test_labels=tel,
-    num_classes=4,
-    mean=(0.5,) * channels,
-    std=(0.25,) * channels,
-    crop_padding=1,
-    flip=True,
-  )
+  return synthetic_dataset(64, 16, 20, hw=hw, channels=channels)
 
 
 def _config(**overrides):
