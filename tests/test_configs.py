@@ -191,3 +191,17 @@ def test_paper_smoke_run_trains_end_to_end(tmp_path, fashion_mnist_dir):
   assert summary["num_params"] == _num_params(expected)
   saved = json.loads((workdir / "config.json").read_text())
   assert saved["model"] == json.loads(json.dumps(expected.model.to_dict()))
+
+
+def test_gpu_script_parses_and_names_existing_configs():
+  """experiments/gpu_studies.sh is valid bash and every config argument it passes loads."""
+  import pathlib
+  import re
+  import subprocess
+
+  script = pathlib.Path(__file__).parents[1] / "experiments" / "gpu_studies.sh"
+  subprocess.run(["bash", "-n", str(script)], check=True)
+  args = re.findall(r"experiments/configs/(\w+)\.py:(\w[\w,]*\w|\w)", script.read_text())
+  assert {name for name, _ in args} == {"grid", "data_scaling"}
+  for name, arg in args:
+    assert _module(name).get_config(arg).model.name in model_names()

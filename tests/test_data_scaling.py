@@ -6,12 +6,15 @@ from __future__ import annotations
 import json
 import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from attnconv.construction import conv_head_offsets
+from attnconv.models import build_model, count_params
 from experiments import data_scaling
 from experiments import train as train_lib
 from experiments.configs import data_scaling as grid_config
@@ -94,6 +97,38 @@ def test_fixed_compute_config():
   assert grid_config.get_config("fixed_compute,cifar10").dataset.name == "cifar10"
   smoke = grid_config.get_config("fixed_compute,smoke")
   assert smoke.num_train_steps == 4 and smoke.scaling.train_sizes == (200, 400)
+
+
+def test_large_config():
+  """The GPU variant: the convergence recipe and budget at the two largest sizes, larger models
+  whose attention parameter counts stay within 25 % of each other."""
+  config = grid_config.get_config("large")
+  base = grid_config.get_config()
+  assert config.scaling.grid == "large" and config.scaling.train_sizes == (30000, -1)
+  assert tuple(config.scaling.models) == tuple(base.scaling.models)
+  counts = {}
+  for model in config.scaling.models:
+    run = grid_config.run_config(config, model, -1, 1)
+    small = grid_config.run_config(base, model, -1, 1)
+    assert run.num_train_steps == small.num_train_steps == 5500
+    assert (run.learning_rate, run.batch_size) == (small.learning_rate, small.batch_size)
+    assert (run.mimetic_init, run.conv_init_alpha) == (small.mimetic_init, small.conv_init_alpha)
+    kwargs = run.model.to_dict()
+    module = build_model(kwargs.pop("name"), num_classes=10, **kwargs)
+    variables = jax.eval_shape(
+      lambda m=module: m.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+    )
+    counts[model] = count_params(variables["params"])
+  assert counts["cnn"] == 223_690
+  assert counts["vit"] == counts["vit_mimetic"] == 1_016_074 and counts["gpsa"] == 1_016_254
+  assert counts["attention_quadratic"] == counts["attention_conv_init"] == 765_676
+  assert counts["attention_learned_content"] == 1_017_322
+  attention = [v for k, v in counts.items() if k != "cnn"]
+  assert min(attention) >= 0.75 * max(attention)
+  assert grid_config.run_config(config, "gpsa", -1, 0).model.gpsa_layers == 5
+  assert grid_config.run_config(base, "gpsa", -1, 0).model.gpsa_layers == 3
+  smoke = grid_config.get_config("large,smoke")
+  assert smoke.scaling.train_sizes == (200, 400) and smoke.scaling.backbone_overrides
 
 
 @pytest.mark.parametrize("arg", ["imagenet", "fixed_compute,imagenet", "cifar10,fashion_mnist"])

@@ -138,12 +138,15 @@ def test_grid_config_trains_and_is_analysed(tmp_path):
   assert (tmp_path / "grid.png").stat().st_size > 1000
 
 
-@pytest.mark.parametrize("arg", ["adamw", "sgd", "gpsa", "sgd,smoke"])
+@pytest.mark.parametrize("arg", ["adamw", "sgd", "gpsa", "paper_size", "sgd,smoke"])
 def test_grid_config_recipes(arg):
   config = grid_config.get_config(arg)
   assert config.model.num_layers >= 2 and config.model.center_init_std == 2.0
   assert config.model.encoding == ("gpsa" if arg == "gpsa" else "quadratic")
-  assert config.optimizer == ("sgd" if arg.startswith("sgd") else "adamw")
+  assert config.optimizer == ("sgd" if arg.startswith(("sgd", "paper_size")) else "adamw")
+  # The paper's full size (6 x 9 heads, D = 400) in bfloat16; the CPU recipes are float32.
+  size = (config.model.num_layers, config.model.hidden_size, config.model.mlp_dim, config.dtype)
+  assert size == ((6, 400, 512, "bfloat16") if arg == "paper_size" else size[:3] + ("float32",))
   if "smoke" not in arg:
     assert config.num_epochs >= 20 and config.dataset.crop_padding == 2 and config.dataset.flip
 

@@ -81,8 +81,12 @@ Variants:
     Measured (2-core CPU, ``--workers=2``): 52 minutes wall for 75 runs; test accuracy at 500 /
     55,000 images: cnn 0.750 / 0.830, attention_quadratic 0.737 / 0.789, attention_learned
     0.747 / 0.796, attention_learned_content 0.742 / 0.820, attention_conv_init 0.753 / 0.804.
-  ``smoke`` (``:smoke``, ``:cifar10,smoke``, ``:fixed_compute,smoke``): 2 sizes, 1 seed, a few
-    steps (tests).
+  ``data_scaling.py:large``: the two largest sizes (30,000 and all) with larger models, for a
+    GPU: the shared backbone 6 blocks deep and twice as wide (D = 144, 16 per head, MLP 288;
+    GPSA in the first 5 blocks; 766k-1,017k parameters) and the CNN twice as wide (64-128-128,
+    224k), same recipe and budget. ``experiments/gpu_studies.sh`` runs its full-data points.
+  ``smoke`` (``:smoke``, ``:cifar10,smoke``, ``:fixed_compute,smoke``, ``:large,smoke``): 2 sizes,
+    1 seed, a few steps (tests).
 
 Fixed-compute models (:data:`FIXED_COMPUTE_MODELS`): ``cnn`` as above;
 ``attention_quadratic``: AttentionNet, 4x4 space-to-depth (7x7 tokens), 3 blocks of 9 Gaussian
@@ -102,11 +106,16 @@ import ml_collections
 from experiments.configs import common, priors
 
 DATASETS = ("fashion_mnist", "cifar10")
-GRIDS = ("convergence", "fixed_compute")
+GRIDS = ("convergence", "fixed_compute", "large")
 # Images in each dataset's official training split (the validation split is carved from it).
 TRAIN_SPLIT_SIZES = {"fashion_mnist": 60_000, "cifar10": 50_000}
 
 CNN: dict[str, Any] = {"name": "small_cnn", "features": (32, 64, 64), "pool": "avg"}
+
+# The ``large`` grid's models: the shared backbone 6 blocks deep and twice as wide (16 per head),
+# ConViT's GPSA in all blocks but the last; the CNN twice as wide.
+LARGE_BACKBONE: dict[str, Any] = {"hidden_size": 144, "num_layers": 6, "mlp_dim": 288}
+LARGE_CNN: dict[str, Any] = {"features": (64, 128, 128)}
 
 
 def _prior_entry(prior: str) -> tuple[dict, dict]:
@@ -147,18 +156,18 @@ _ATTENTION = {
 
 
 def _parse(arg: str | None) -> tuple[str, str, bool]:
-  """``(grid, dataset, smoke)`` of ``"[fixed_compute,][<dataset>][,smoke]"``."""
+  """``(grid, dataset, smoke)`` of ``"[fixed_compute,|large,][<dataset>][,smoke]"``."""
   parts = (arg or "").split(",") if arg else []
   smoke = bool(parts) and parts[-1] == "smoke"
   if smoke:
     parts = parts[:-1]
   grid = "convergence"
-  if parts and parts[0] == "fixed_compute":
-    grid, parts = "fixed_compute", parts[1:]
+  if parts and parts[0] in GRIDS[1:]:
+    grid, parts = parts[0], parts[1:]
   dataset = parts[0] if parts else "fashion_mnist"
   if len(parts) > 1 or dataset not in DATASETS:
     raise ValueError(
-      f"arg: expected '[fixed_compute,][<dataset>][,smoke]' with a dataset in {DATASETS} "
+      f"arg: expected '[fixed_compute,|large,][<dataset>][,smoke]' with a dataset in {DATASETS} "
       f"(or None), got {arg!r}"
     )
   return grid, dataset, smoke
@@ -194,7 +203,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.scaling = ml_collections.ConfigDict()
   config.scaling.grid = grid
   config.scaling.seeds = (0, 1, 2)
-  if grid == "convergence":
+  if grid in ("convergence", "large"):
     config.learning_rate = 0.001
     config.batch_size = 100
     config.dataset.crop_padding = 2 if dataset == "fashion_mnist" else 4
@@ -205,6 +214,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.scaling.models = tuple(MODELS)
     # -1: all images of the train split left after the validation split (55,000 / 45,000).
     config.scaling.train_sizes = (1000, 3000, 10000, 30000, -1)
+    if grid == "large":
+      config.scaling.train_sizes = (30000, -1)
+      config.scaling.backbone_overrides = dict(LARGE_BACKBONE)
+      config.scaling.cnn_overrides = dict(LARGE_CNN)
   else:
     config.learning_rate = 0.003
     config.batch_size = 64
@@ -225,10 +238,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.scaling.seeds = (0,)
     config.dataset.val_size = 200
     config.batch_size = 20
-    config.num_train_steps = 2 if grid == "convergence" else 4
-    config.scaling.min_epochs = 0.2 if grid == "convergence" else 0.0
+    config.num_train_steps = 4 if grid == "fixed_compute" else 2
+    config.scaling.min_epochs = 0.0 if grid == "fixed_compute" else 0.2
     config.scaling.evaluations = 2
-    config.eval_every_steps = 1 if grid == "convergence" else 2
+    config.eval_every_steps = 2 if grid == "fixed_compute" else 1
     config.checkpoint_every_steps = config.eval_every_steps
   return config
 
@@ -319,18 +332,24 @@ def run_config(
     ValueError: if ``model`` is not a model of the grid.
   """
   grid = config.scaling.get("grid", "convergence")
-  table = MODELS if grid == "convergence" else FIXED_COMPUTE_MODELS
+  table = FIXED_COMPUTE_MODELS if grid == "fixed_compute" else MODELS
   if model not in table:
     raise ValueError(f"model: expected one of {tuple(table)} ({grid} grid), got {model!r}")
   run = ml_collections.ConfigDict(config.to_dict())
   del run["scaling"]
-  if grid == "convergence" and model in priors.PRIORS:
+  if grid != "fixed_compute" and model in priors.PRIORS:
     priors.apply_prior(run, model)
+    backbone = dict(config.scaling.get("backbone_overrides") or {})
+    run.model.update(backbone)
+    if model == "gpsa" and "num_layers" in backbone:
+      run.model.gpsa_layers = int(backbone["num_layers"]) - 1
   else:
     fields, extra = table[model]
     model_fields = dict(fields)
     if fields["name"] == "attention_net":
       model_fields = {**_ATTENTION, **model_fields}
+    if fields["name"] == "small_cnn":
+      model_fields.update(config.scaling.get("cnn_overrides") or {})
     run.model = ml_collections.ConfigDict(model_fields)
     run.mimetic_init = False
     run.conv_init_alpha = 0.0

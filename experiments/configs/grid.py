@@ -11,6 +11,9 @@ the 3x3 lattice around the query (Cordonnier et al. 2020, Sec. 4.2, Fig. 4)?
   AdamW as ``adamw``, on 7x7 tokens (4x4 space-to-depth: its content half has a batch axis,
   B x H x N x N probabilities, 16x cheaper at 7x7 than at 14x14), every epoch's checkpoint kept
   for the gate and attention-distance trajectories;
+* ``paper_size``: the paper's full-size network (6 blocks of 9 heads, D = 400, MLP 512) in
+  bfloat16 with the paper's SGD recipe, for a GPU (``experiments/gpu_studies.sh`` trains it for
+  as many epochs as fit in its time budget; the measures read whatever epochs were logged);
 * ``smoke``: 20 steps on 1000 images (alone, or appended: ``sgd,smoke``).
 
 Commands (each resumes where it stopped when re-run; the analysis reads the workdir)::
@@ -51,7 +54,7 @@ import ml_collections
 
 from experiments.configs import common
 
-RECIPES = ("adamw", "sgd", "gpsa")
+RECIPES = ("adamw", "sgd", "gpsa", "paper_size")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -84,7 +87,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.batch_size = 100
   config.num_epochs = 20
   config.schedule = "warmup_cosine"
-  if recipe == "sgd":
+  if recipe in ("sgd", "paper_size"):
     config.optimizer = "sgd"
     config.learning_rate = 0.1
     config.momentum = 0.9
@@ -95,6 +98,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.weight_decay = 0.05
   config.log_every_steps = 100
   config.keep_checkpoints = 2
+  if recipe == "paper_size":
+    config.model.num_layers = 6
+    config.model.hidden_size = 400
+    config.model.mlp_dim = 512
+    config.dtype = "bfloat16"
   if recipe == "gpsa":
     config.model.downsample = 4
     config.keep_checkpoints = config.num_epochs + 1
