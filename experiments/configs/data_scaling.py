@@ -338,11 +338,7 @@ def run_config(
   run = ml_collections.ConfigDict(config.to_dict())
   del run["scaling"]
   if grid != "fixed_compute" and model in priors.PRIORS:
-    priors.apply_prior(run, model)
-    backbone = dict(config.scaling.get("backbone_overrides") or {})
-    run.model.update(backbone)
-    if model == "gpsa" and "num_layers" in backbone:
-      run.model.gpsa_layers = int(backbone["num_layers"]) - 1
+    priors.apply_prior(run, model, dict(config.scaling.get("backbone_overrides") or {}))
   else:
     fields, extra = table[model]
     model_fields = dict(fields)

@@ -81,12 +81,18 @@ PRIORS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 }
 
 
-def apply_prior(config: ml_collections.ConfigDict, prior: str) -> ml_collections.ConfigDict:
-  """Sets ``config.model`` to the shared backbone with ``prior`` (and its trainer fields)."""
+def apply_prior(
+  config: ml_collections.ConfigDict, prior: str, backbone: dict[str, Any] | None = None
+) -> ml_collections.ConfigDict:
+  """Sets ``config.model`` to the shared backbone (``BACKBONE`` updated by ``backbone``) with
+  ``prior`` (and its trainer fields); ``gpsa`` keeps GPSA in every block but the last."""
   if prior not in PRIORS:
     raise ValueError(f"prior: expected one of {tuple(PRIORS)}, got {prior!r}")
   fields, extra = PRIORS[prior]
-  config.model = ml_collections.ConfigDict({**BACKBONE, **fields})
+  model = {**BACKBONE, **(backbone or {})}
+  if "gpsa_layers" in fields:
+    fields = {**fields, "gpsa_layers": int(model["num_layers"]) - 1}
+  config.model = ml_collections.ConfigDict({**model, **fields})
   config.mimetic_init = False
   config.conv_init_alpha = 0.0
   for key, value in extra.items():
