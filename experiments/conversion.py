@@ -346,7 +346,8 @@ def run_finetune(config, workdir: str | os.PathLike, *, dataset=None) -> dict[st
     "summary": {arm: {metric: t_interval}}, "paired": {"a - b": {metric: t_interval}}}`` with
     ``arm`` in ``("cnn", *arms)`` and a record ``{"clean", "corruptions": {key: accuracy},
     "translations": {key: {direction: accuracy}}, "mean_corrupted", "best_val_accuracy",
-    "final_test_accuracy", "steps", "epochs", "train_seconds", "num_params", ...}``; fine-tuned
+    "final_test_accuracy", "steps", "epochs", "train_seconds", "cpu_seconds", "num_params",
+    ...}``; fine-tuned
     arms add ``start_test_accuracy``, GPSA arms ``gates`` (``start``, ``end``).
   """
   import jax
@@ -479,8 +480,9 @@ def _run_record(summary: dict) -> dict[str, Any]:
     "steps",
     "epochs",
     "train_seconds",
+    "cpu_seconds",
   )
-  return {k: summary[k] for k in keys}
+  return {k: summary.get(k) for k in keys}
 
 
 def format_finetune(results: dict[str, Any]) -> str:

@@ -17,9 +17,10 @@ At the end the records are gathered and analysed (:func:`analyze`) into ``--out`
 ``experiments/results/data_scaling.json``)::
 
   {"records": [{"model", "train_size", "seed", "test_accuracy", "val_accuracy", "steps",
-                "epochs", "final_train_accuracy", "params", "train_seconds", "device",
-                "dataset"}, ...],
-   "summary": {"accuracy", "gap_to_reference", "gain_over_baseline", "trends", ...}}
+                "epochs", "final_train_accuracy", "params", "train_seconds", "cpu_seconds",
+                "device", "dataset"}, ...],
+   "summary": {"accuracy", "gap_to_reference", "gain_over_baseline", "trends", ...},
+   "compute": {model or "total": {"runs", "train_hours", "cpu_hours"}}}
 
 (:func:`load_records` also reads a plain list of records) and plotted into ``--plot``
 (default ``experiments/results/data_scaling.png``): mean test accuracy with 95% intervals, and
@@ -130,6 +131,10 @@ def _last_train_accuracy(path: pathlib.Path) -> float | None:
   return json.loads(lines[-1]).get("train_accuracy") if lines else None
 
 
+def _rounded(seconds: float | None) -> float | None:
+  return None if seconds is None else round(float(seconds), 1)
+
+
 def _device(summary: Mapping[str, Any]) -> str:
   devices = summary.get("devices")
   if isinstance(devices, Mapping):
@@ -158,11 +163,28 @@ def gather(config, workdir: str, points: Sequence[tuple[str, int, int]]) -> list
         "final_train_accuracy": _last_train_accuracy(path),
         "params": summary["num_params"],
         "train_seconds": round(float(summary["train_seconds"]), 1),
+        "cpu_seconds": _rounded(summary.get("cpu_seconds")),
         "device": _device(summary),
         "dataset": run_cfg["dataset"]["name"],
       }
     )
   return records
+
+
+def compute(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+  """Per model and in ``"total"``: ``{"runs", "train_hours", "cpu_hours"}``, the sums of the
+  records' wall (``train_seconds``) and process CPU (``cpu_seconds``) times in hours;
+  ``cpu_hours`` is None when a record lacks its CPU time."""
+  out: dict[str, dict[str, Any]] = {}
+  for key in [*dict.fromkeys(r["model"] for r in records), "total"]:
+    rows = [r for r in records if key in ("total", r["model"])]
+    cpu = [r.get("cpu_seconds") for r in rows]
+    out[key] = {
+      "runs": len(rows),
+      "train_hours": round(sum(r["train_seconds"] for r in rows) / 3600, 3),
+      "cpu_hours": None if None in cpu else round(sum(cpu) / 3600, 3),
+    }
+  return out
 
 
 def load_records(path: str | os.PathLike) -> list[dict]:
@@ -486,7 +508,8 @@ def main(argv: list[str]) -> None:
   summary = analyze(records)
   pathlib.Path(FLAGS.out).parent.mkdir(parents=True, exist_ok=True)
   pathlib.Path(FLAGS.out).write_text(
-    json.dumps({"records": records, "summary": summary}, indent=1) + "\n"
+    json.dumps({"records": records, "summary": summary, "compute": compute(records)}, indent=1)
+    + "\n"
   )
   print(format_summary(summary), flush=True)
   if FLAGS.plot and records:

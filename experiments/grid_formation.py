@@ -227,6 +227,7 @@ def analyse_run(
     "final_train_accuracy": final_metrics.get("train_accuracy"),
     "test_accuracy": summary.get("final_test_accuracy", final_metrics.get("test_accuracy")),
     "train_seconds": final_metrics.get("train_seconds"),
+    "cpu_seconds": final_metrics.get("cpu_seconds"),
     "layers": out_layers,
     "formed": bool(out_layers[0]["formed"]),
   }

@@ -761,6 +761,13 @@ def train_and_evaluate(
         "test_accuracy": record.get("test_accuracy", float("nan")),
       }
   train_seconds = float(history[-1].get("train_seconds", 0.0)) if history else 0.0
+  # Process CPU time (all threads) over the same intervals as train_seconds. A run resumed from
+  # a history without it has no complete CPU count: it stays None rather than undercounting.
+  cpu_seconds: float | None = (
+    float(history[-1]["cpu_seconds"])
+    if history and history[-1].get("cpu_seconds") is not None
+    else (None if history else 0.0)
+  )
 
   # --- Jitted steps. --------------------------------------------------------------------------
   train_step = jax.jit(
@@ -796,6 +803,7 @@ def train_and_evaluate(
 
     bar = tqdm.tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
   interval_start = time.perf_counter()
+  interval_cpu_start = time.process_time()
   interval_images = 0
   total_images_timed, total_time_timed = 0, 0.0
   last_eval: dict[str, Any] = history[-1] if history else {}
@@ -822,7 +830,10 @@ def train_and_evaluate(
         now = time.perf_counter()
         compile_seconds = now - interval_start
         train_seconds += compile_seconds
-        interval_start, interval_images = now, 0
+        cpu_now = time.process_time()
+        if cpu_seconds is not None:
+          cpu_seconds += cpu_now - interval_cpu_start
+        interval_start, interval_cpu_start, interval_images = now, cpu_now, 0
       if bar is not None:
         bar.update(1)
       if step % log_every == 0:
@@ -836,6 +847,8 @@ def train_and_evaluate(
         jax.block_until_ready(state)
         elapsed = time.perf_counter() - interval_start
         train_seconds += elapsed
+        if cpu_seconds is not None:
+          cpu_seconds += time.process_time() - interval_cpu_start
         total_images_timed += interval_images
         total_time_timed += elapsed
         sums = _to_host((state.loss_sum, state.correct_sum, state.count))
@@ -867,6 +880,7 @@ def train_and_evaluate(
           "test_accuracy": test["accuracy"],
           "images_per_second": interval_images / elapsed if interval_images else None,
           "train_seconds": train_seconds,
+          "cpu_seconds": cpu_seconds,
         }
         last_eval = record
         if is_main:
@@ -891,6 +905,7 @@ def train_and_evaluate(
         zeros = [_replicate(np.zeros((), np.float32), replicated) for _ in range(3)]
         state = state.replace(loss_sum=zeros[0], correct_sum=zeros[1], count=zeros[2])
         interval_start = time.perf_counter()
+        interval_cpu_start = time.process_time()
         interval_images = 0
       if step % ckpt_every == 0 or step == total_steps:
         save(step)
@@ -917,6 +932,7 @@ def train_and_evaluate(
     "last_test_accuracy": last_eval.get("test_accuracy"),
     "last_train_loss": last_eval.get("train_loss"),
     "train_seconds": train_seconds,
+    "cpu_seconds": cpu_seconds,
     "compile_seconds": compile_seconds,
     "images_per_second": (total_images_timed / total_time_timed if total_time_timed > 0 else None),
     "devices": {"count": num_devices, "kinds": sorted({d.device_kind for d in devices})},

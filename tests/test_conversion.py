@@ -114,6 +114,7 @@ def test_finetune_end_to_end(tmp_path):
     assert set(record["translations"]["translate:2"]) == {"0,1", "0,-1", "1,0", "-1,0"}
     assert record["mean_corrupted"] == pytest.approx(np.mean(list(record["corruptions"].values())))
     assert 0.0 <= record["clean"] <= 1.0 and record["steps"] == 2
+    assert record["train_seconds"] > 0.0 and record["cpu_seconds"] > 0.0
     # The clean accuracy of the best checkpoint is the trainer's model-selected test accuracy.
     assert record["clean"] == pytest.approx(record["final_test_accuracy"])
   # Fine-tuning starts from the CNN's function: the T-CNN (content gated off) exactly.

@@ -192,6 +192,7 @@ RECORD_FIELDS = {
   "final_train_accuracy",
   "params",
   "train_seconds",
+  "cpu_seconds",
   "device",
   "dataset",
 }
@@ -209,7 +210,7 @@ def test_every_model_trains_one_grid_point(tmp_path, fake_loader, tiny_backbone)
     # Budget max(2 steps, 0.2 epochs of 200 images at batch 20) = 2 steps = 0.2 epochs.
     assert r["train_size"] == 200 and r["steps"] == 2 and r["epochs"] == pytest.approx(0.2)
     assert r["params"] > 0 and 0.0 <= r["final_train_accuracy"] <= 1.0
-    assert r["train_seconds"] >= 0.0 and r["device"] == "cpu x4"
+    assert r["train_seconds"] >= 0.0 and r["cpu_seconds"] > 0.0 and r["device"] == "cpu x4"
   params = {r["model"]: r["params"] for r in records}
   assert params["attention_conv_init"] == params["attention_quadratic"]
   assert params["vit_mimetic"] == params["vit"] < params["gpsa"]
@@ -246,6 +247,15 @@ def test_resume_skips_finished_points_then_gather_and_plot(tmp_path, fake_loader
   assert count == 2 and mean == pytest.approx(a / 2) and std == pytest.approx(a / 2)
   data_scaling.plot(records, tmp_path / "scaling.png")
   assert (tmp_path / "scaling.png").stat().st_size > 1000
+  totals = data_scaling.compute(records)
+  assert set(totals) == {"cnn", "total"} and totals["cnn"] == totals["total"]
+  assert totals["total"]["runs"] == 2
+  expected = sum(r["cpu_seconds"] for r in records) / 3600
+  assert totals["total"]["cpu_hours"] == pytest.approx(expected, abs=1e-3)
+  # One record without its CPU time makes that model's and the total's CPU time unknown.
+  totals = data_scaling.compute([*records, dict(records[0], model="vit", cpu_seconds=None)])
+  assert totals["cnn"]["cpu_hours"] is not None and totals["vit"]["cpu_hours"] is None
+  assert totals["total"]["cpu_hours"] is None and totals["total"]["runs"] == 3
   # A finished run of another budget in the same directory is an error, not a silent skip.
   config.num_train_steps = 3
   with pytest.raises(ValueError, match="^workdir: expected"):

@@ -94,11 +94,18 @@ def test_end_to_end_and_resume_is_bitwise(tmp_path, dataset):
     "val_accuracy",
     "test_accuracy",
     "images_per_second",
+    "train_seconds",
+    "cpu_seconds",
   ):
     assert key in records[0], key
+  # Wall and CPU time accumulate over the run; the summary carries the last record's.
+  for timer in ("train_seconds", "cpu_seconds"):
+    values = [r[timer] for r in records]
+    assert 0.0 < values[0] <= values[1] <= values[2], (timer, values)
   summary = json.loads((full_dir / "summary.json").read_text())
   assert summary == json.loads(json.dumps(full))
   assert summary["steps"] == 12 and summary["epochs"] == 1.5
+  assert summary["cpu_seconds"] == records[-1]["cpu_seconds"]
   assert summary["devices"]["count"] == 4
   best = max(records, key=lambda r: r["val_accuracy"])  # first max, as the trainer
   assert summary["best_val_accuracy"] == best["val_accuracy"]
@@ -138,6 +145,9 @@ def test_end_to_end_and_resume_is_bitwise(tmp_path, dataset):
       assert r_full[key] == r_res[key], key
   for key in ("best_val_accuracy", "final_test_accuracy", "last_test_accuracy", "steps"):
     assert full[key] == resumed[key], key
+  # The resumed run's CPU time continues from the record it resumed after (step 4).
+  assert resumed_records[1]["cpu_seconds"] > resumed_records[0]["cpu_seconds"] > 0.0
+  assert resumed["cpu_seconds"] == resumed_records[-1]["cpu_seconds"]
 
   # Re-running a finished run changes nothing.
   again = train_lib.train_and_evaluate(_config(), resumed_dir, dataset=dataset)
@@ -345,3 +355,18 @@ def test_resume_drops_best_checkpoints_saved_after_the_last_checkpoint(tmp_path,
   assert summary["best_val_step"] == best["step"]
   with ocp.CheckpointManager(best_dir.absolute()) as manager:
     assert manager.latest_step() == best["step"]
+
+
+def test_resume_from_a_history_without_cpu_time_reports_none(tmp_path, dataset):
+  """A run whose logged history has no ``cpu_seconds`` cannot know the CPU time spent before
+  the resume: the resumed run reports None instead of the (smaller) time since the restart."""
+  train_lib.train_and_evaluate(_config(stop_after_steps=7), tmp_path, dataset=dataset)
+  metrics = tmp_path / "metrics.jsonl"
+  records = [json.loads(line) for line in metrics.read_text().splitlines()]
+  assert [r["step"] for r in records] == [4] and records[0]["cpu_seconds"] > 0.0
+  del records[0]["cpu_seconds"]
+  metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
+  summary = train_lib.train_and_evaluate(_config(), tmp_path, dataset=dataset)
+  assert summary["steps"] == 12 and summary["cpu_seconds"] is None
+  resumed = [json.loads(line) for line in metrics.read_text().splitlines()]
+  assert [r.get("cpu_seconds") for r in resumed] == [None, None, None]
