@@ -347,8 +347,8 @@ def run_finetune(config, workdir: str | os.PathLike, *, dataset=None) -> dict[st
     ``arm`` in ``("cnn", *arms)`` and a record ``{"clean", "corruptions": {key: accuracy},
     "translations": {key: {direction: accuracy}}, "mean_corrupted", "best_val_accuracy",
     "final_test_accuracy", "steps", "epochs", "train_seconds", "cpu_seconds", "num_params",
-    ...}``; fine-tuned
-    arms add ``start_test_accuracy``, GPSA arms ``gates`` (``start``, ``end``).
+    ...}``; fine-tuned arms add ``start_test_accuracy``, GPSA arms ``gates`` (``start``,
+    ``end``).
   """
   import jax
   import numpy as np
@@ -480,9 +480,9 @@ def _run_record(summary: dict) -> dict[str, Any]:
     "steps",
     "epochs",
     "train_seconds",
-    "cpu_seconds",
   )
-  return {k: summary.get(k) for k in keys}
+  # A summary written before the trainer recorded CPU time has none: None, not a KeyError.
+  return {**{k: summary[k] for k in keys}, "cpu_seconds": summary.get("cpu_seconds")}
 
 
 def format_finetune(results: dict[str, Any]) -> str:

@@ -162,7 +162,7 @@ def gather(config, workdir: str, points: Sequence[tuple[str, int, int]]) -> list
         "epochs": round(float(summary["epochs"]), 3) if "epochs" in summary else None,
         "final_train_accuracy": _last_train_accuracy(path),
         "params": summary["num_params"],
-        "train_seconds": round(float(summary["train_seconds"]), 1),
+        "train_seconds": _rounded(summary["train_seconds"]),
         "cpu_seconds": _rounded(summary.get("cpu_seconds")),
         "device": _device(summary),
         "dataset": run_cfg["dataset"]["name"],
