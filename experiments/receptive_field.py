@@ -14,11 +14,23 @@ is averaged over heads and queries. A 3x3 convolution puts all its weight within
 at every layer (its fixed field); the attention network chooses its own. Also reported per layer:
 ``r50`` / ``r90``, the smallest radius holding 50% / 90% of the mass, and the mean distance.
 
-Under ``attention_distance``, per layer and per head: ConViT's non-locality (d'Ascoli et al.
-2021; :func:`attnconv.attention.attention_distance`), the attention-weighted mean Euclidean
-query-key distance in tokens, of each layer's own sown maps (every block on its own input), after
-training (``final``) and at the trainer's initialisation from the run's seed (``init``), with the
-means over heads.
+The same summary of the network at the trainer's initialisation from the run's seed is
+``init_layers``. Under ``attention_distance``, per layer and per head: ConViT's non-locality
+(d'Ascoli et al. 2021; :func:`attnconv.attention.attention_distance`), the attention-weighted mean
+Euclidean query-key distance in tokens, of each layer's own sown maps (every block on its own
+input), after training (``final``) and at initialisation (``init``), with the means over heads.
+
+Workdirs given the same name are seeds of one model: its entry holds every run (``runs``) and,
+per layer, the mean and standard deviation over seeds of r90, of the mass within sqrt(2) (a 3x3
+window) and of the attention distance, at initialisation and after training, with the paired
+change (trained minus initial) and its 95% t interval over seeds (``seeds``,
+:func:`summarise_seeds`). ``--study_workdir`` names the runs of a data-efficiency grid instead::
+
+  python -m experiments.receptive_field --study_workdir=runs/data_scaling_convergence \
+    --study_models=vit,vit_mimetic,gpsa,attention_quadratic,attention_conv_init,attention_learned_content \
+    --study_size=all
+
+(every seed ``<study_workdir>/<model>/n<size>/s*`` that finished).
 """
 
 from __future__ import annotations
@@ -217,14 +229,96 @@ def summarise_run(
   config, dataset, model, images, grid = _load_run(workdir, num_images)
   final = _sown_probabilities(model, conversion.load_best(workdir), images)
   init = _sown_probabilities(model, initial_variables(config, model, dataset.image_shape), images)
+  radii = RADII if radii is None else radii
   return {
     "workdir": str(workdir),
     "grid": list(grid),
-    "layers": analyse(final, grid, RADII if radii is None else radii),
+    "layers": analyse(final, grid, radii),
+    "init_layers": analyse(init, grid, radii),
     "attention_distance": attention_distance_entries(
       layer_attention_distances(init, grid), layer_attention_distances(final, grid)
     ),
   }
+
+
+WINDOW = f"{np.sqrt(2.0):g}"  # the mass_within key of a 3x3 window: "1.41421"
+
+
+def _run_values(run: dict[str, Any], layer: int, when: str) -> dict[str, float]:
+  lay = run["layers" if when == "final" else "init_layers"][layer]
+  if WINDOW not in lay["mass_within"]:
+    raise ValueError(
+      f"runs: expected masses within r = {WINDOW}, got radii {list(lay['mass_within'])}"
+    )
+  return {
+    "r90": lay["r90"],
+    "mass_within_sqrt2": lay["mass_within"][WINDOW],
+    "attention_distance": run["attention_distance"][layer][f"{when}_mean"],
+  }
+
+
+def _round4(value: Any) -> Any:
+  return round(value, 4) if isinstance(value, float) else value
+
+
+def _mean_std(x: np.ndarray) -> dict[str, float | None]:
+  """Mean and standard deviation (ddof = 1; None for one value), rounded to 4 decimals."""
+  return {
+    "mean": round(float(x.mean()), 4),
+    "std": round(float(x.std(ddof=1)), 4) if x.size > 1 else None,
+  }
+
+
+def summarise_seeds(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+  """Per layer, over the runs (seeds) of one model (entries of :func:`summarise_run`): for
+  ``r90``, ``mass_within_sqrt2`` and ``attention_distance``, ``{"init": {"mean", "std"},
+  "final": {"mean", "std"}, "change": t interval}`` where ``change`` is the paired difference
+  trained minus initial (:func:`experiments.data_scaling.t_interval`: ``mean``, ``std``,
+  ``low``, ``high``, ``n``; with one seed ``std``, ``low`` and ``high`` are None)."""
+  from experiments.data_scaling import t_interval
+
+  if not runs:
+    raise ValueError("runs: expected at least one run, got none")
+  depth = {len(r["layers"]) for r in runs}
+  if len(depth) != 1:
+    raise ValueError(f"runs: expected networks of one depth, got depths {sorted(depth)}")
+  out = []
+  for layer in range(depth.pop()):
+    init = [_run_values(r, layer, "init") for r in runs]
+    final = [_run_values(r, layer, "final") for r in runs]
+    entry: dict[str, Any] = {"layer": layer}
+    for key in ("r90", "mass_within_sqrt2", "attention_distance"):
+      a = np.array([v[key] for v in init])
+      b = np.array([v[key] for v in final])
+      entry[key] = {
+        "init": _mean_std(a),
+        "final": _mean_std(b),
+        "change": {k: _round4(v) for k, v in t_interval(b - a).items()},
+      }
+    out.append(entry)
+  return out
+
+
+def _finished(workdir: pathlib.Path) -> bool:
+  summary = workdir / "summary.json"
+  return summary.exists() and bool(json.loads(summary.read_text()).get("completed"))
+
+
+def study_workdirs(
+  study_workdir: str | os.PathLike, models: Sequence[str], size: str = "all"
+) -> tuple[list[str], list[str]]:
+  """``(workdirs, names)`` of every finished seed ``<study_workdir>/<model>/n<size>/s*`` of a
+  data-efficiency grid (:func:`experiments.data_scaling.run_dir`), seeds in numerical order."""
+  workdirs, names = [], []
+  for model in models:
+    base = pathlib.Path(study_workdir) / model / f"n{size}"
+    seeds = sorted(base.glob("s*"), key=lambda p: int(p.name[1:]) if p.name[1:].isdigit() else -1)
+    done = [p for p in seeds if _finished(p)]
+    if not done:
+      raise ValueError(f"study_workdir: expected finished runs in {base}/s*, found none")
+    workdirs += [str(p) for p in done]
+    names += [model] * len(done)
+  return workdirs, names
 
 
 def analyse(
@@ -253,8 +347,8 @@ RADII = (0.0, 1.0, float(np.sqrt(2.0)), 2.0, float(np.sqrt(8.0)), 3.0, 4.0, 6.0)
 
 
 def plot(results: dict[str, Any], path: str | os.PathLike) -> None:
-  """Left: r90 against depth per model, beside the 3x3 convolution's field. Right: mass within
-  r = sqrt(2) (the 3x3 window) against depth."""
+  """Left: r90 against depth per model (mean over seeds, bars: std; dashed: at initialisation),
+  beside the 3x3 convolution's field. Right: the mass within r = sqrt(2) (the 3x3 window)."""
   import matplotlib
 
   matplotlib.use("Agg")
@@ -262,27 +356,36 @@ def plot(results: dict[str, Any], path: str | os.PathLike) -> None:
 
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
   depth = 0
-  for name, entry in results["models"].items():
-    layers = entry["layers"]
-    x = [lay["layer"] + 1 for lay in layers]
+  for i, (name, entry) in enumerate(results["models"].items()):
+    color = f"C{i}"
+    layers = entry["seeds"]
+    x = np.array([lay["layer"] + 1 for lay in layers], dtype=float)
     depth = max(depth, len(x))
-    axes[0].plot(x, [lay["r90"] for lay in layers], marker="o", label=name)
-    axes[1].plot(x, [lay["mass_within"]["1.41421"] for lay in layers], marker="o", label=name)
+    for ax, key in zip(axes, ("r90", "mass_within_sqrt2")):
+      final = [lay[key]["final"] for lay in layers]
+      ax.errorbar(
+        x + 0.04 * (i - 1),
+        [v["mean"] for v in final],
+        yerr=[v["std"] or 0.0 for v in final],
+        marker="o",
+        color=color,
+        capsize=2,
+        label=f"{name} (trained)",
+      )
+      ax.plot(x, [lay[key]["init"]["mean"] for lay in layers], "--", color=color, alpha=0.6)
   xs = np.arange(1, depth + 1)
-  axes[0].plot(xs, [np.sqrt(2)] * len(xs), "k--", label="3x3 conv (fixed)")
-  axes[1].plot(xs, [1.0] * len(xs), "k--", label="3x3 conv (fixed)")
+  axes[0].plot(xs, [np.sqrt(2)] * len(xs), "k-", lw=0.8, label="3x3 conv (fixed)")
+  axes[1].plot(xs, [1.0] * len(xs), "k-", lw=0.8, label="3x3 conv (fixed)")
   uniform = results.get("uniform_reference")
   if uniform:
     axes[0].plot(xs, [uniform["r90"]] * len(xs), ":", color="gray", label="uniform attention")
-    axes[1].plot(
-      xs, [uniform["mass_within"]["1.41421"]] * len(xs), ":", color="gray", label="uniform"
-    )
+    axes[1].plot(xs, [uniform["mass_within"][WINDOW]] * len(xs), ":", color="gray")
   axes[0].set(xlabel="layer", ylabel="r90 (tokens)", title="radius holding 90% of attention")
   axes[1].set(xlabel="layer", ylabel="mass", title="attention mass inside the 3x3 window")
   for ax in axes:
     ax.set_xticks(xs)
     ax.grid(alpha=0.3)
-  axes[0].legend(fontsize=7)
+  axes[0].legend(fontsize=7, title="dashed: at initialisation", title_fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=130)
   plt.close(fig)
@@ -291,10 +394,21 @@ def plot(results: dict[str, Any], path: str | os.PathLike) -> None:
 def _define_flags() -> None:
   """Command-line flags (defined only when run as a script, so the module imports cleanly)."""
   flags.DEFINE_list("workdirs", [], "Trainer workdirs of attention networks.")
-  flags.DEFINE_list("names", [], "Labels of the workdirs (default: the workdir paths).")
+  flags.DEFINE_list("names", [], "Labels of the workdirs (default: the paths; repeated: seeds).")
+  flags.DEFINE_string(
+    "study_workdir", None, "A data-efficiency grid's workdir (instead of --workdirs)."
+  )
+  flags.DEFINE_list("study_models", [], "With --study_workdir: the models.")
+  flags.DEFINE_string(
+    "study_size", "all", "With --study_workdir: the training-set size (or 'all')."
+  )
   flags.DEFINE_integer("images", 200, "Test images averaged over for content attention.")
   flags.DEFINE_string("out", "experiments/results/receptive_field.json", "Results (JSON).")
   flags.DEFINE_string("plot", "experiments/results/receptive_field.png", "Plot ('' for none).")
+
+
+def _fmt(stat: dict[str, Any], digits: int = 2) -> str:
+  return f"{stat['mean']:.{digits}f}" + (f"+-{stat['std']:.{digits}f}" if stat["std"] else "")
 
 
 def main(argv: list[str]) -> None:
@@ -302,17 +416,35 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
   if not FLAGS["verbosity"].present:
     absl_logging.set_verbosity(absl_logging.WARNING)
-  names = FLAGS.names or FLAGS.workdirs
-  if len(names) != len(FLAGS.workdirs):
+  workdirs, names = list(FLAGS.workdirs), list(FLAGS.names or FLAGS.workdirs)
+  if FLAGS.study_workdir:
+    if workdirs or not FLAGS.study_models:
+      raise app.UsageError("--study_workdir: expected --study_models and no --workdirs")
+    workdirs, names = study_workdirs(FLAGS.study_workdir, FLAGS.study_models, FLAGS.study_size)
+  if len(names) != len(workdirs):
     raise app.UsageError("--names: expected one name per workdir")
   results: dict[str, Any] = {"radii": list(RADII), "models": {}}
-  for name, workdir in zip(names, FLAGS.workdirs):
-    results["models"][name] = entry = summarise_run(workdir, FLAGS.images)
-    for lay, dist in zip(entry["layers"], entry["attention_distance"]):
+  runs: dict[str, list[dict[str, Any]]] = {}
+  for name, workdir in zip(names, workdirs):
+    runs.setdefault(name, []).append(summarise_run(workdir, FLAGS.images))
+  for name, entries in runs.items():
+    grids = {tuple(e["grid"]) for e in entries}
+    if len(grids) != 1:
+      raise ValueError(
+        f"workdirs: expected one token grid per name, got {sorted(grids)} for {name}"
+      )
+    results["models"][name] = entry = {
+      "grid": entries[0]["grid"],
+      "seeds": summarise_seeds(entries),
+      "runs": entries,
+    }
+    for lay in entry["seeds"]:
       print(
-        f"{name:28s} layer {lay['layer'] + 1}: r50 {lay['r50']:.2f}  r90 {lay['r90']:.2f}  "
-        f"mass<=sqrt2 {lay['mass_within']['1.41421']:.3f}  mean dist {lay['mean_distance']:.2f}  "
-        f"attention distance {dist['init_mean']:.2f} (init) -> {dist['final_mean']:.2f}"
+        f"{name:26s} layer {lay['layer'] + 1} ({len(entries)} runs), init -> trained: "
+        f"r90 {_fmt(lay['r90']['init'])} -> {_fmt(lay['r90']['final'])}  "
+        f"mass<=sqrt2 {_fmt(lay['mass_within_sqrt2']['init'], 3)} -> "
+        f"{_fmt(lay['mass_within_sqrt2']['final'], 3)}  attention distance "
+        f"{_fmt(lay['attention_distance']['init'])} -> {_fmt(lay['attention_distance']['final'])}"
       )
   if results["models"]:  # Reference: every head uniform over the grid (no locality at all).
     grid = next(iter(results["models"].values()))["grid"]
@@ -320,7 +452,7 @@ def main(argv: list[str]) -> None:
     results["uniform_reference"] = analyse([np.full((1, n, n), 1.0 / n)], grid, RADII)[0]
   pathlib.Path(FLAGS.out).parent.mkdir(parents=True, exist_ok=True)
   pathlib.Path(FLAGS.out).write_text(json.dumps(results, indent=1) + "\n")
-  if FLAGS.plot:
+  if FLAGS.plot and results["models"]:
     plot(results, FLAGS.plot)
 
 

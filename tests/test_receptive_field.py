@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pathlib
+
 import numpy as np
 import pytest
 
@@ -81,14 +83,17 @@ def test_trained_workdir(tmp_path, monkeypatch):
   assert grid == (7, 7) and len(probs) == 2
   assert probs[0].shape == (5, 4, 49, 49)  # content: one map per image
   np.testing.assert_allclose(probs[1].sum(-1), 1.0, rtol=1e-5)
-  results = {"models": {"x": {"layers": rf.analyse(probs, grid, rf.RADII)}}}
+  # The JSON entry: the receptive-field summary of the trained network and of its
+  # initialisation (the run's seed), and the attention distance per layer and head of both.
+  entry = rf.summarise_run(tmp_path, num_images=5)
+  assert entry["grid"] == [7, 7] and entry["layers"] == rf.analyse(probs, grid, rf.RADII)
+  init_probs, _ = rf.layer_probabilities(tmp_path, num_images=5, which="init")
+  assert entry["init_layers"] == rf.analyse(init_probs, grid, rf.RADII)
+  assert entry["init_layers"] != entry["layers"]
+  seeds = rf.summarise_seeds([entry])
+  results = {"models": {"x": {"grid": entry["grid"], "seeds": seeds, "runs": [entry]}}}
   rf.plot(results, tmp_path / "rf.png")
   assert (tmp_path / "rf.png").stat().st_size > 1000
-
-  # The JSON entry: the receptive-field summary as before, and the attention distance per layer
-  # and head of the trained network and of its initialisation (the run's seed).
-  entry = rf.summarise_run(tmp_path, num_images=5)
-  assert entry["grid"] == [7, 7] and entry["layers"] == results["models"]["x"]["layers"]
   dist = entry["attention_distance"]
   assert [d["layer"] for d in dist] == [0, 1]
   for d in dist:
@@ -100,7 +105,6 @@ def test_trained_workdir(tmp_path, monkeypatch):
   # Head means agree with the summary's mean distance (batch- and head-averaged maps).
   for d, lay in zip(dist, entry["layers"]):
     assert d["final_mean"] == pytest.approx(lay["mean_distance"], abs=2e-3)
-  init_probs, _ = rf.layer_probabilities(tmp_path, num_images=5, which="init")
   np.testing.assert_allclose(
     [d["init"] for d in dist], np.round(rf.layer_attention_distances(init_probs, grid), 4)
   )
@@ -141,3 +145,87 @@ def test_initial_variables_are_the_trainers(tmp_path, monkeypatch):
     np.array_equal(a, b)
     for a, b in zip(jax.tree_util.tree_leaves(other), jax.tree_util.tree_leaves(init))
   )
+
+
+def _run_entry(r90_init, r90_final, mass_init, mass_final, dist_init, dist_final):
+  """A summarise_run entry with one value per layer for the three summarised quantities."""
+
+  def layers(r90, mass):
+    return [
+      {"layer": i, "r90": r, "mass_within": {"1": 0.0, rf.WINDOW: m}, "mean_distance": 0.0}
+      for i, (r, m) in enumerate(zip(r90, mass))
+    ]
+
+  return {
+    "workdir": "w",
+    "grid": [7, 7],
+    "layers": layers(r90_final, mass_final),
+    "init_layers": layers(r90_init, mass_init),
+    "attention_distance": [
+      {"layer": i, "init_mean": a, "final_mean": b}
+      for i, (a, b) in enumerate(zip(dist_init, dist_final))
+    ],
+  }
+
+
+def test_summarise_seeds_pairs_trained_with_initial_values():
+  from experiments.data_scaling import t_interval
+
+  runs = [
+    _run_entry([2.0, 3.0], [1.5, 3.5], [0.5, 0.4], [0.75, 0.25], [2.5, 2.5], [2.0, 3.0]),
+    _run_entry([2.5, 3.0], [1.5, 4.0], [0.5, 0.5], [0.5, 0.25], [2.5, 2.0], [1.5, 3.5]),
+    _run_entry([2.0, 3.5], [1.0, 4.0], [0.25, 0.5], [1.0, 0.5], [3.0, 2.5], [2.0, 3.0]),
+  ]
+  summary = rf.summarise_seeds(runs)
+  assert [s["layer"] for s in summary] == [0, 1]
+  first = summary[0]["r90"]
+  assert first["init"] == {
+    "mean": pytest.approx(6.5 / 3, abs=1e-4),
+    "std": pytest.approx(float(np.std([2.0, 2.5, 2.0], ddof=1)), abs=1e-4),
+  }
+  assert first["final"]["mean"] == pytest.approx(4.0 / 3, abs=1e-4)
+  # The change is paired seed by seed: (-0.5, -1.0, -1.0), not final mean minus init mean alone.
+  expected = t_interval([-0.5, -1.0, -1.0])
+  for k in ("mean", "std", "low", "high"):
+    assert first["change"][k] == pytest.approx(expected[k], abs=1e-4)
+  assert first["change"]["n"] == 3
+  mass = summary[1]["mass_within_sqrt2"]
+  assert mass["final"]["mean"] == pytest.approx(1.0 / 3, abs=1e-4)
+  assert summary[1]["attention_distance"]["change"]["mean"] == pytest.approx(
+    (0.5 + 1.5 + 0.5) / 3, abs=1e-4
+  )
+  # One seed: means only.
+  single = rf.summarise_seeds(runs[:1])[0]["attention_distance"]
+  assert single["init"]["std"] is None and single["change"]["low"] is None
+  assert single["change"]["mean"] == pytest.approx(-0.5)
+  with pytest.raises(ValueError, match="runs"):
+    rf.summarise_seeds([])
+  shallow = _run_entry([2.0], [1.0], [0.5], [0.5], [2.0], [2.0])
+  with pytest.raises(ValueError, match="depth"):
+    rf.summarise_seeds([runs[0], shallow])
+  no_window = _run_entry([2.0], [1.0], [0.5], [0.5], [2.0], [2.0])
+  del no_window["layers"][0]["mass_within"][rf.WINDOW]
+  with pytest.raises(ValueError, match="1.41421"):
+    rf.summarise_seeds([no_window])
+
+
+def test_study_workdirs_lists_finished_seeds_in_order(tmp_path):
+  import json
+
+  def make(model, seed, completed):
+    d = tmp_path / model / "nall" / f"s{seed}"
+    d.mkdir(parents=True)
+    (d / "summary.json").write_text(json.dumps({"completed": completed}))
+
+  for seed in (10, 2, 0):
+    make("gpsa", seed, True)
+  make("gpsa", 3, False)  # interrupted: left out
+  make("vit", 1, True)
+  (tmp_path / "vit" / "nall" / "s4").mkdir()  # started, no summary yet
+  workdirs, names = rf.study_workdirs(tmp_path, ["vit", "gpsa"])
+  assert names == ["vit", "gpsa", "gpsa", "gpsa"]
+  assert [pathlib.Path(w).name for w in workdirs] == ["s1", "s0", "s2", "s10"]
+  with pytest.raises(ValueError, match="study_workdir"):
+    rf.study_workdirs(tmp_path, ["cnn"])
+  with pytest.raises(ValueError, match="study_workdir"):
+    rf.study_workdirs(tmp_path, ["gpsa"], size="1000")
