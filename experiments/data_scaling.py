@@ -16,13 +16,17 @@ finish sooner than one two-threaded run).
 At the end the records are gathered and analysed (:func:`analyze`) into ``--out`` (default
 ``experiments/results/data_scaling.json``)::
 
-  {"records": [{"model", "train_size", "seed", "test_accuracy", "val_accuracy", "steps",
-                "epochs", "final_train_accuracy", "params", "train_seconds", "cpu_seconds",
-                "device", "dataset"}, ...],
-   "summary": {"accuracy", "gap_to_reference", "gain_over_baseline", "trends", ...},
+  {"records": [{"model", "train_size", "seed", "test_accuracy", "init_test_accuracy",
+                "val_accuracy", "steps", "epochs", "final_train_accuracy", "params",
+                "train_seconds", "cpu_seconds", "device", "dataset"}, ...],
+   "summary": {"accuracy", "init_accuracy", "gap_to_reference", "gain_over_baseline",
+               "trends", ...},
    "compute": {model or "total": {"runs", "train_hours", "cpu_hours"}}}
 
-(:func:`load_records` also reads a plain list of records) and plotted into ``--plot``
+``init_test_accuracy`` is the test accuracy of the run's initialisation (the trainer's, from its
+seed; ``experiments.evaluate --which=init``, cached in the run's ``evaluation_init.json``), the
+at-initialisation value beside the trained one (``--noinit_accuracy``: None). (:func:`load_records`
+also reads a plain list of records) and plotted into ``--plot``
 (default ``experiments/results/data_scaling.png``): mean test accuracy with 95% intervals, and
 each model's paired gap to the CNN, against the training-set size (log scale).
 """
@@ -142,8 +146,22 @@ def _device(summary: Mapping[str, Any]) -> str:
   return str(summary.get("platform"))
 
 
-def gather(config, workdir: str, points: Sequence[tuple[str, int, int]]) -> list[dict]:
-  """The records of every completed point, in grid order (fields: module docstring)."""
+def init_test_accuracy(path: str | os.PathLike) -> float:
+  """Test accuracy of a run's initialisation (``<path>/evaluation_init.json``, computed once by
+  :func:`experiments.evaluate.evaluate_workdir` with ``which="init"``)."""
+  cached = pathlib.Path(path) / "evaluation_init.json"
+  if cached.exists():
+    return float(json.loads(cached.read_text())["test_accuracy"])
+  from experiments.evaluate import evaluate_workdir
+
+  return float(evaluate_workdir(path, which="init", plot=False)["test_accuracy"])
+
+
+def gather(
+  config, workdir: str, points: Sequence[tuple[str, int, int]], init_accuracy: bool = False
+) -> list[dict]:
+  """The records of every completed point, in grid order (fields: module docstring);
+  ``init_test_accuracy`` is evaluated when ``init_accuracy`` (else None)."""
   records = []
   for model, size, seed in points:
     path = run_dir(workdir, model, size, seed)
@@ -157,6 +175,7 @@ def gather(config, workdir: str, points: Sequence[tuple[str, int, int]]) -> list
         "train_size": int(summary.get("num_train_examples", size)),
         "seed": seed,
         "test_accuracy": summary["final_test_accuracy"],
+        "init_test_accuracy": init_test_accuracy(path) if init_accuracy else None,
         "val_accuracy": summary["best_val_accuracy"],
         "steps": summary["steps"],
         "epochs": round(float(summary["epochs"]), 3) if "epochs" in summary else None,
@@ -240,6 +259,10 @@ def t_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> dict[
   std = float(x.std(ddof=1))
   half = float(stats.t.ppf(0.5 + confidence / 2.0, n - 1)) * std / math.sqrt(n)
   return {"mean": mean, "std": std, "low": mean - half, "high": mean + half, "n": n}
+
+
+def _has_init(record: Mapping[str, Any]) -> bool:
+  return record.get("init_test_accuracy") is not None
 
 
 def _by_point(records: Sequence[dict]) -> dict[str, dict[int, dict[int, float]]]:
@@ -348,6 +371,7 @@ def analyze(
   Returns:
     ``{"confidence", "reference", "baseline",
     "accuracy": {model: {size: t_interval of test accuracy over seeds}},
+    "init_accuracy": the same for ``init_test_accuracy`` (models whose records all have it),
     "gap_to_reference": {model: {size: t_interval of acc - acc_ref, paired by seed}},
     "gain_over_baseline": {model: {size: t_interval of (acc - acc_base) / acc_base, paired}},
     "trends": gap_trends(...)}``; a comparison is left out when its reference model has no run.
@@ -356,6 +380,15 @@ def analyze(
   accuracy = {
     m: {str(n): t_interval(list(seeds.values()), confidence) for n, seeds in sorted(sizes.items())}
     for m, sizes in table.items()
+  }
+
+  init_table = _by_point(
+    [{**r, "test_accuracy": r["init_test_accuracy"]} for r in records if _has_init(r)]
+  )
+  init_accuracy = {
+    m: {str(n): t_interval(list(seeds.values()), confidence) for n, seeds in sorted(sizes.items())}
+    for m, sizes in init_table.items()
+    if all(_has_init(r) for r in records if r["model"] == m)
   }
 
   def compare(ref: str, relative: bool) -> dict[str, dict[str, Any]]:
@@ -375,6 +408,7 @@ def analyze(
     "reference": reference,
     "baseline": baseline,
     "accuracy": accuracy,
+    "init_accuracy": init_accuracy,
     "gap_to_reference": compare(reference, False),
     "gain_over_baseline": compare(baseline, True),
     "trends": gap_trends(records, reference, confidence) if reference in table else {},
@@ -397,6 +431,13 @@ def format_summary(summary: Mapping[str, Any]) -> str:
       f"{n}: {v['mean']:.4f}+-{(v['std'] or 0.0):.4f} ({v['n']})" for n, v in sizes.items()
     )
     lines.append(f"  {model:26s} {row}")
+  if summary.get("init_accuracy"):
+    lines.append("test accuracy at initialisation: mean +- std over seeds (n)")
+    for model, sizes in summary["init_accuracy"].items():
+      row = "  ".join(
+        f"{n}: {v['mean']:.4f}+-{(v['std'] or 0.0):.4f} ({v['n']})" for n, v in sizes.items()
+      )
+      lines.append(f"  {model:26s} {row}")
   lines.append(f"gap to {summary['reference']} (accuracy points), paired {conf}% CI")
   for model, sizes in summary["gap_to_reference"].items():
     row = "  ".join(f"{n}: {cell(v, 100, '+.2f')}" for n, v in sizes.items())
@@ -484,6 +525,7 @@ def _define_flags() -> None:
   flags.DEFINE_string("out", "experiments/results/data_scaling.json", "Records and analysis.")
   flags.DEFINE_string("plot", "experiments/results/data_scaling.png", "Plot ('' for none).")
   flags.DEFINE_bool("aggregate_only", False, "Only gather finished runs into --out and --plot.")
+  flags.DEFINE_bool("init_accuracy", True, "Evaluate each run's initialisation on the test set.")
   config_flags.DEFINE_config_file("config", None, "experiments/configs/data_scaling.py[:arg]")
   flags.mark_flags_as_required(["config", "workdir"])
 
@@ -504,7 +546,7 @@ def main(argv: list[str]) -> None:
       _spawn_workers(sys.argv, FLAGS.workers)
     else:
       run_grid(config, FLAGS.workdir, points)
-  records = gather(config, FLAGS.workdir, points)
+  records = gather(config, FLAGS.workdir, points, init_accuracy=FLAGS.init_accuracy)
   summary = analyze(records)
   pathlib.Path(FLAGS.out).parent.mkdir(parents=True, exist_ok=True)
   pathlib.Path(FLAGS.out).write_text(

@@ -2,11 +2,12 @@
 
 Usage::
 
-  python -m experiments.evaluate --workdir=<dir> [--which=latest|best] [--noplot]
+  python -m experiments.evaluate --workdir=<dir> [--which=latest|best|init] [--noplot]
 
 Reads ``<workdir>/config.json``, restores the latest training checkpoint (or the best-validation
-weights from ``<workdir>/best``), evaluates validation and test accuracy, prints them as JSON,
-writes them to ``<workdir>/evaluation_<which>.json`` and re-draws ``<workdir>/plots``.
+weights from ``<workdir>/best``, or rebuilds the trainer's initialisation from the run's seed
+with ``--which=init``), evaluates validation and test accuracy, prints them as JSON, writes them
+to ``<workdir>/evaluation_<which>.json`` and re-draws ``<workdir>/plots`` (not for ``init``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from absl import logging as absl_logging  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A run directory written by experiments.main.")
-flags.DEFINE_enum("which", "latest", ["latest", "best"], "Which checkpoint to evaluate.")
+flags.DEFINE_enum("which", "latest", ["latest", "best", "init"], "Which weights to evaluate.")
 flags.DEFINE_bool("plot", True, "Re-draw the plots into <workdir>/plots.")
 
 
@@ -54,8 +55,10 @@ def evaluate_workdir(
 
   Args:
     workdir: run directory (holds ``config.json`` and ``checkpoints/`` or ``best/``).
-    which: ``"latest"`` (training checkpoint) or ``"best"`` (best validation accuracy).
-    plot: re-draw ``<workdir>/plots``.
+    which: ``"latest"`` (training checkpoint), ``"best"`` (best validation accuracy) or
+      ``"init"`` (the trainer's initialisation from the run's seed, step 0:
+      :func:`experiments.receptive_field.initial_variables`).
+    plot: re-draw ``<workdir>/plots`` (ignored for ``"init"``).
     dataset: optional pre-loaded :class:`experiments.input_pipeline.Dataset` (default: from the
       config).
 
@@ -71,8 +74,8 @@ def evaluate_workdir(
   from experiments import plots
   from experiments import train as train_lib
 
-  if which not in ("latest", "best"):
-    raise ValueError(f"which: expected 'latest' or 'best', got {which!r}")
+  if which not in ("latest", "best", "init"):
+    raise ValueError(f"which: expected 'latest', 'best' or 'init', got {which!r}")
   workdir = pathlib.Path(workdir)
   config_path = workdir / train_lib.CONFIG_FILE
   if not config_path.exists():
@@ -81,7 +84,12 @@ def evaluate_workdir(
   if dataset is None:
     dataset = train_lib.load_dataset_from_config(config)
   model = train_lib._build_model(config, dataset.num_classes)
-  step, variables = restore_variables(workdir, which=which)
+  if which == "init":
+    from experiments.receptive_field import initial_variables
+
+    step, variables = 0, initial_variables(config, model, dataset.image_shape)
+  else:
+    step, variables = restore_variables(workdir, which=which)
   params, batch_stats = variables["params"], variables.get("batch_stats", {})
 
   devices = jax.devices()
@@ -110,7 +118,7 @@ def evaluate_workdir(
     result[f"{split}_accuracy"] = metrics["accuracy"]
     result[f"{split}_loss"] = metrics["loss"]
   (workdir / f"evaluation_{which}.json").write_text(json.dumps(result, indent=2) + "\n")
-  if plot:
+  if plot and which != "init":
     state = types.SimpleNamespace(params=params, batch_stats=batch_stats)
     plots.plot_workdir(workdir, model=model, state=state, dataset=dataset)
   return result

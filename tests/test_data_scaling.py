@@ -186,6 +186,7 @@ RECORD_FIELDS = {
   "train_size",
   "seed",
   "test_accuracy",
+  "init_test_accuracy",
   "val_accuracy",
   "steps",
   "epochs",
@@ -203,14 +204,33 @@ def test_every_model_trains_one_grid_point(tmp_path, fake_loader, tiny_backbone)
   points = [(m, 200, 0) for m in grid_config.MODELS]
   data_scaling.run_grid(config, str(tmp_path), points)
   assert fake_loader == [(200, 0)]  # one subset, loaded once for every model
-  records = data_scaling.gather(config, str(tmp_path), points)
+  records = data_scaling.gather(config, str(tmp_path), points, init_accuracy=True)
   assert [r["model"] for r in records] == list(grid_config.MODELS)
   for r in records:
     assert set(r) == RECORD_FIELDS
+    # The initialisation's test accuracy, evaluated once and cached in the run directory.
+    cache = data_scaling.run_dir(tmp_path, r["model"], 200, 0) / "evaluation_init.json"
+    init = json.loads(cache.read_text())
+    assert init["step"] == 0 and init["which"] == "init"
+    assert r["init_test_accuracy"] == init["test_accuracy"]
+    assert 0.0 <= r["init_test_accuracy"] <= 1.0
     # Budget max(2 steps, 0.2 epochs of 200 images at batch 20) = 2 steps = 0.2 epochs.
     assert r["train_size"] == 200 and r["steps"] == 2 and r["epochs"] == pytest.approx(0.2)
     assert r["params"] > 0 and 0.0 <= r["final_train_accuracy"] <= 1.0
     assert r["train_seconds"] >= 0.0 and r["cpu_seconds"] > 0.0 and r["device"] == "cpu x4"
+  cache.write_text(json.dumps({**init, "test_accuracy": 0.125}))  # read back, not recomputed
+  assert data_scaling.init_test_accuracy(cache.parent) == 0.125
+  summary = data_scaling.analyze(records)
+  for m in grid_config.MODELS:
+    at_init = summary["init_accuracy"][m]["200"]
+    assert at_init["n"] == 1 and at_init["mean"] == next(
+      r["init_test_accuracy"] for r in records if r["model"] == m
+    )
+  assert "test accuracy at initialisation" in data_scaling.format_summary(summary)
+  # Without the evaluation the field is None and the summary has no initialisation table.
+  plain = data_scaling.gather(config, str(tmp_path), points)
+  assert all(r["init_test_accuracy"] is None for r in plain)
+  assert data_scaling.analyze(plain)["init_accuracy"] == {}
   params = {r["model"]: r["params"] for r in records}
   assert params["attention_conv_init"] == params["attention_quadratic"]
   assert params["vit_mimetic"] == params["vit"] < params["gpsa"]

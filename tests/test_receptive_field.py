@@ -139,6 +139,16 @@ def test_initial_variables_are_the_trainers(tmp_path, monkeypatch):
   init = rf.initial_variables(config, model, dataset.image_shape)
   best = conversion.load_best(tmp_path)
   jax.tree_util.tree_map(np.testing.assert_array_equal, init["params"], best["params"])
+  # Evaluating the initialisation (experiments.evaluate --which=init) scores those parameters.
+  from experiments.evaluate import evaluate_workdir
+
+  at_init = evaluate_workdir(tmp_path, which="init", plot=False, dataset=dataset)
+  at_best = evaluate_workdir(tmp_path, which="best", plot=False, dataset=dataset)
+  assert at_init["step"] == 0 and (tmp_path / "evaluation_init.json").exists()
+  for key in ("val_accuracy", "test_accuracy", "val_loss", "test_loss"):
+    assert at_init[key] == at_best[key]
+  with pytest.raises(ValueError, match="which"):
+    evaluate_workdir(tmp_path, which="first", plot=False, dataset=dataset)
   config.seed = 4
   other = rf.initial_variables(config, model, dataset.image_shape)
   assert not all(
