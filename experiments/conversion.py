@@ -343,12 +343,14 @@ def run_finetune(config, workdir: str | os.PathLike, *, dataset=None) -> dict[st
 
   Returns:
     ``{"dataset", "device", "device_kind", "settings", "metrics", "runs": {arm: {seed: record}},
-    "summary": {arm: {metric: t_interval}}, "paired": {"a - b": {metric: t_interval}}}`` with
+    "summary": {arm: {metric or "start_test_accuracy": t_interval}},
+    "paired": {"a - b": {metric: t_interval}}}`` with
     ``arm`` in ``("cnn", *arms)`` and a record ``{"clean", "corruptions": {key: accuracy},
     "translations": {key: {direction: accuracy}}, "mean_corrupted", "best_val_accuracy",
     "final_test_accuracy", "steps", "epochs", "train_seconds", "cpu_seconds", "num_params",
-    ...}``; fine-tuned arms add ``start_test_accuracy``, GPSA arms ``gates`` (``start``,
-    ``end``).
+    "start_test_accuracy", ...}`` (``start_test_accuracy``: the test accuracy at step 0, of the
+    given start for the fine-tuned arms, of the trainer's initialisation from the seed for the
+    CNN and ``hybrid_scratch``); GPSA arms add ``gates`` (``start``, ``end``).
   """
   import jax
   import numpy as np
@@ -357,6 +359,7 @@ def run_finetune(config, workdir: str | os.PathLike, *, dataset=None) -> dict[st
   from experiments import corruptions
   from experiments import train as train_lib
   from experiments.data_scaling import t_interval
+  from experiments.receptive_field import initial_variables
 
   c = config.conversion
   arms = tuple(c.arms)
@@ -376,7 +379,11 @@ def run_finetune(config, workdir: str | os.PathLike, *, dataset=None) -> dict[st
       cnn_config, workdir / "cnn" / f"s{seed}", dataset=dataset
     )
     best = load_best(workdir / "cnn" / f"s{seed}")
-    trained.setdefault("cnn", {})[seed] = (best, _run_record(summary))
+    record = _run_record(summary)
+    model = train_lib._build_model(cnn_config, dataset.num_classes)
+    start = initial_variables(cnn_config, model, dataset.image_shape)
+    record["start_test_accuracy"] = _accuracy_fn(model, dataset)(start, images, labels)
+    trained.setdefault("cnn", {})[seed] = (best, record)
     for arm in arms:
       run_config = arm_config(config, arm, seed)
       init = None
@@ -396,11 +403,13 @@ def run_finetune(config, workdir: str | os.PathLike, *, dataset=None) -> dict[st
       variables = load_best(path)
       record = _run_record(summary)
       model = train_lib._build_model(run_config, dataset.num_classes)
-      if init is not None:
-        record["start_test_accuracy"] = _accuracy_fn(model, dataset)(init, images, labels)
+      start = (
+        init if init is not None else initial_variables(run_config, model, dataset.image_shape)
+      )
+      record["start_test_accuracy"] = _accuracy_fn(model, dataset)(start, images, labels)
       if arm != "cnn_finetune":
         record["gates"] = {
-          "start": None if init is None else _gate_stats(init["params"]),
+          "start": _gate_stats(start["params"]),
           "end": _gate_stats(variables["params"]),
         }
       trained.setdefault(arm, {})[seed] = (variables, record)
@@ -463,7 +472,12 @@ def run_finetune(config, workdir: str | os.PathLike, *, dataset=None) -> dict[st
       for arm, runs in trained.items()
     },
     "summary": {
-      arm: {m: t_interval([v[m] for v in seeds_.values()]) for m in metrics}
+      arm: {
+        **{m: t_interval([v[m] for v in seeds_.values()]) for m in metrics},
+        "start_test_accuracy": t_interval(
+          [record["start_test_accuracy"] for _, record in trained[arm].values()]
+        ),
+      }
       for arm, seeds_ in per_seed.items()
     },
     "paired": {f"{a} - {b}": _paired(per_seed, a, b, metrics) for a, b in comparisons},

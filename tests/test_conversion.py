@@ -123,7 +123,15 @@ def test_finetune_end_to_end(tmp_path):
   gates = results["runs"]["tcnn"]["0"]["gates"]
   assert gates["start"]["conv3"]["content_weight_max"] == pytest.approx(1 / (1 + np.exp(17.0)))
   assert results["runs"]["tcnn_open_gate"]["0"]["gates"]["start"]["conv3"]["gate"] == [1.0] * 9
-  assert results["runs"]["hybrid_scratch"]["0"]["gates"]["start"] is None
+  # The hybrid trained from scratch starts from the trainer's initialisation: ConViT's gates
+  # (sigmoid(1)) and an accuracy at step 0 recorded beside the trained one, as for the CNN.
+  scratch = results["runs"]["hybrid_scratch"]["0"]
+  assert scratch["gates"]["start"]["conv3"]["gate"] == [1.0] * 9
+  for arm in ("cnn", "hybrid_scratch"):
+    assert 0.0 <= results["runs"][arm]["0"]["start_test_accuracy"] <= 1.0
+  for arm in arms:
+    start = results["summary"][arm]["start_test_accuracy"]
+    assert start["n"] == 1 and start["mean"] == results["runs"][arm]["0"]["start_test_accuracy"]
   # Paired differences (one seed: means only) against the fine-tuned CNN, and T-CNN vs scratch.
   assert set(results["paired"]) == {
     "tcnn - cnn_finetune",
