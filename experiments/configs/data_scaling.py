@@ -52,9 +52,12 @@ attention_learned_content 0.435 s; an evaluation batch of 100 images 0.015-0.088
 takes 14,500 steps per seed (3 x 2000 + 3000 + 5500), 43,500 over 3 seeds, plus 10 evaluations
 of 15,000 validation and test images per run (22,500 batches per model). Total: 27.6 CPU hours
 as measured (cnn 1.5, vit 4.9, vit_mimetic 4.9, gpsa 5.8, attention_quadratic 2.4,
-attention_conv_init 2.3, attention_learned_content 5.8). On an idle machine expect about 15-20
-CPU hours (the priors' config measured 10-25 minutes per 5500-step run with 2 threads), i.e.
-8-10 hours wall with ``--workers=2``.
+attention_conv_init 2.3, attention_learned_content 5.8). Measured in the study itself (the
+first 14 runs, 2000 steps each, two single-threaded workers on the 2-core machine, training CPU
+time per step, evaluations excluded): cnn 0.117 s, vit 0.36, vit_mimetic 0.35, gpsa 0.44,
+attention_quadratic 0.165, attention_conv_init 0.17, attention_learned_content 0.38 -- the same
+rates as the estimate, so expect about 24 CPU hours of training plus 10-15% for the evaluations,
+i.e. about 27 CPU hours and 13-14 hours wall with ``--workers=2``.
 
 Command (resumable -- rerun the same command after a kill; finished runs are skipped)::
 
