@@ -25,9 +25,6 @@ from absl import app, flags  # noqa: E402
 from absl import logging as absl_logging  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "A run directory written by experiments.main.")
-flags.DEFINE_enum("which", "latest", ["latest", "best", "init"], "Which weights to evaluate.")
-flags.DEFINE_bool("plot", True, "Re-draw the plots into <workdir>/plots.")
 
 
 def restore_variables(workdir: str | os.PathLike, *, which: str = "latest") -> tuple[int, dict]:
@@ -124,6 +121,14 @@ def evaluate_workdir(
   return result
 
 
+def _define_flags() -> None:
+  """Command-line flags (defined only when run as a script, so the module imports cleanly)."""
+  flags.DEFINE_string("workdir", None, "A run directory written by experiments.main.")
+  flags.DEFINE_enum("which", "latest", ["latest", "best", "init"], "Which weights to evaluate.")
+  flags.DEFINE_bool("plot", True, "Re-draw the plots into <workdir>/plots.")
+  flags.mark_flags_as_required(["workdir"])
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
@@ -134,5 +139,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["workdir"])
+  _define_flags()
   app.run(main)

@@ -205,3 +205,23 @@ def test_gpu_script_parses_and_names_existing_configs():
   assert {name for name, _ in args} == {"grid", "data_scaling"}
   for name, arg in args:
     assert _module(name).get_config(arg).model.name in model_names()
+
+
+def test_library_modules_of_experiments_define_no_flags_on_import():
+  """Only the entry point (``experiments.main``) defines command-line flags at import; every other
+  module defines its own in ``_define_flags`` when run as a script, so one script can import
+  another's functions without a clash of flag names (e.g. ``workdir``)."""
+  root = pathlib.Path(__file__).resolve().parents[1]
+  modules = sorted(
+    f"experiments.{p.stem}" for p in (root / "experiments").glob("*.py") if p.stem != "main"
+  )
+  code = (
+    "import importlib\nfrom absl import flags\n"
+    f"for m in {modules!r}:\n  importlib.import_module(m)\n"
+    "print(sorted(m for m in flags.FLAGS.flags_by_module_dict() if 'experiments' in m))\n"
+  )
+  out = subprocess.run(
+    [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True, timeout=300
+  )
+  assert out.stdout.strip() == "[]", out.stdout + out.stderr
+  assert "experiments.evaluate" in modules and "experiments.data_scaling" in modules
