@@ -24,7 +24,8 @@ At the end the records are gathered and analysed (:func:`analyze`) into ``--out`
    "compute": {model or "total": {"runs", "train_hours", "cpu_hours"}}}
 
 ``init_test_accuracy`` is the test accuracy of the run's initialisation (the trainer's, from its
-seed; ``experiments.evaluate --which=init``, cached in the run's ``evaluation_init.json``), the
+seed; ``experiments.evaluate --which=init``, cached in the run's ``evaluation_init.json``; one
+evaluation per model and seed, the initialisation being the same at every size), the
 at-initialisation value beside the trained one (``--noinit_accuracy``: None). (:func:`load_records`
 also reads a plain list of records) and plotted into ``--plot``
 (default ``experiments/results/data_scaling.png``): mean test accuracy with 95% intervals, and
@@ -157,25 +158,43 @@ def init_test_accuracy(path: str | os.PathLike) -> float:
   return float(evaluate_workdir(path, which="init", plot=False)["test_accuracy"])
 
 
+def _initialisation_key(run_cfg: Mapping[str, Any]) -> str:
+  """What the trainer's initialisation depends on: the model, the seed, the initialisation
+  rewrites, the dtype and the dataset (image shape, classes, normalisation constants) -- not the
+  subset or the budget, so runs of one model and seed share it at every size."""
+  fields = [run_cfg.get(k) for k in ("model", "seed", "conv_init_alpha", "mimetic_init", "dtype")]
+  return json.dumps([*fields, run_cfg["dataset"]["name"]], sort_keys=True)
+
+
 def gather(
   config, workdir: str, points: Sequence[tuple[str, int, int]], init_accuracy: bool = False
 ) -> list[dict]:
-  """The records of every completed point, in grid order (fields: module docstring);
-  ``init_test_accuracy`` is evaluated when ``init_accuracy`` (else None)."""
+  """The records of every completed point, in grid order (fields: module docstring).
+
+  With ``init_accuracy``, ``init_test_accuracy`` is evaluated once per initialisation
+  (:func:`_initialisation_key`: model and seed) and shared by that model's runs at every size;
+  else None."""
   records = []
+  at_init: dict[str, float] = {}
   for model, size, seed in points:
     path = run_dir(workdir, model, size, seed)
     summary = _completed(path)
     if summary is None:
       continue
     run_cfg = json.loads((path / "config.json").read_text())
+    init_acc = None
+    if init_accuracy:
+      key = _initialisation_key(run_cfg)
+      if key not in at_init:
+        at_init[key] = init_test_accuracy(path)
+      init_acc = at_init[key]
     records.append(
       {
         "model": model,
         "train_size": int(summary.get("num_train_examples", size)),
         "seed": seed,
         "test_accuracy": summary["final_test_accuracy"],
-        "init_test_accuracy": init_test_accuracy(path) if init_accuracy else None,
+        "init_test_accuracy": init_acc,
         "val_accuracy": summary["best_val_accuracy"],
         "steps": summary["steps"],
         "epochs": round(float(summary["epochs"]), 3) if "epochs" in summary else None,

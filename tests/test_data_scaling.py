@@ -3,8 +3,10 @@ configs and budgets, every model through the runner, records, paired intervals, 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -248,7 +250,7 @@ def test_every_model_trains_one_grid_point(tmp_path, fake_loader, tiny_backbone)
     np.testing.assert_allclose(first["alpha"][layer], 2.0, rtol=1e-6)
 
 
-def test_resume_skips_finished_points_then_gather_and_plot(tmp_path, fake_loader):
+def test_resume_skips_finished_points_then_gather_and_plot(tmp_path, fake_loader, monkeypatch):
   config = grid_config.get_config("smoke")
   points = data_scaling.grid_points(config, ["cnn"])
   data_scaling.run_grid(config, str(tmp_path), points[:1])
@@ -259,6 +261,30 @@ def test_resume_skips_finished_points_then_gather_and_plot(tmp_path, fake_loader
   assert (data_scaling.run_dir(tmp_path, *points[0]) / "summary.json").read_text() == first
   records = data_scaling.gather(config, str(tmp_path), points)
   assert [r["train_size"] for r in records] == [200, 400]
+  # The initialisation depends on the model and seed, not the subset: evaluated once, shared.
+  from experiments import evaluate
+
+  calls = []
+
+  def counted(path, **kwargs):
+    calls.append(pathlib.Path(path).parent.name)
+    return real_evaluate(path, **kwargs)
+
+  real_evaluate = evaluate.evaluate_workdir
+  monkeypatch.setattr(evaluate, "evaluate_workdir", counted)
+  # As with the real data, every subset shares one test split (the fake loader's differ).
+  shared = _synthetic(200)
+
+  def same_test_split(config):
+    data = _synthetic(int(config.dataset.train_size))
+    return dataclasses.replace(data, test_images=shared.test_images, test_labels=shared.test_labels)
+
+  monkeypatch.setattr(train_lib, "load_dataset_from_config", same_test_split)
+  with_init = data_scaling.gather(config, str(tmp_path), points, init_accuracy=True)
+  assert calls == ["n200"]
+  assert with_init[0]["init_test_accuracy"] == with_init[1]["init_test_accuracy"]
+  other = real_evaluate(data_scaling.run_dir(tmp_path, *points[1]), which="init", plot=False)
+  assert other["test_accuracy"] == with_init[1]["init_test_accuracy"]
   # Each run's budget from its own size: max(2, ceil(0.2 * 200 // 20)) = 2, then 4 steps.
   assert [r["steps"] for r in records] == [2, 4]
   table = data_scaling.summarize(records + [dict(records[0], seed=1, test_accuracy=0.0)])
