@@ -372,6 +372,21 @@ def run_finetune(config, workdir: str | os.PathLike, *, dataset=None) -> dict[st
     dataset = train_lib.load_dataset_from_config(arm_config(config, "cnn", seeds[0]))
   images, labels = dataset.test_images, dataset.test_labels
 
+  # One model and one compiled forward per arm (the arms' models do not depend on the seed).
+  models = {
+    arm: train_lib._build_model(arm_config(config, arm, seeds[0]), dataset.num_classes)
+    for arm in ("cnn", *arms)
+  }
+  accuracy = {arm: _accuracy_fn(model, dataset) for arm, model in models.items()}
+
+  def start_of(arm: str, run_config, init: Any, record: dict) -> Any:
+    """The step-0 variables (``init``, or the trainer's initialisation from the seed); their
+    test accuracy goes into ``record["start_test_accuracy"]``."""
+    if init is None:
+      init = initial_variables(run_config, models[arm], dataset.image_shape)
+    record["start_test_accuracy"] = accuracy[arm](init, images, labels)
+    return init
+
   trained: dict[str, dict[int, tuple[Any, dict]]] = {}  # arm -> seed -> (variables, record)
   for seed in seeds:
     cnn_config = arm_config(config, "cnn", seed)
@@ -380,9 +395,7 @@ def run_finetune(config, workdir: str | os.PathLike, *, dataset=None) -> dict[st
     )
     best = load_best(workdir / "cnn" / f"s{seed}")
     record = _run_record(summary)
-    model = train_lib._build_model(cnn_config, dataset.num_classes)
-    start = initial_variables(cnn_config, model, dataset.image_shape)
-    record["start_test_accuracy"] = _accuracy_fn(model, dataset)(start, images, labels)
+    start_of("cnn", cnn_config, None, record)
     trained.setdefault("cnn", {})[seed] = (best, record)
     for arm in arms:
       run_config = arm_config(config, arm, seed)
@@ -402,11 +415,7 @@ def run_finetune(config, workdir: str | os.PathLike, *, dataset=None) -> dict[st
       summary = train_lib.train_and_evaluate(run_config, path, dataset=dataset, init_variables=init)
       variables = load_best(path)
       record = _run_record(summary)
-      model = train_lib._build_model(run_config, dataset.num_classes)
-      start = (
-        init if init is not None else initial_variables(run_config, model, dataset.image_shape)
-      )
-      record["start_test_accuracy"] = _accuracy_fn(model, dataset)(start, images, labels)
+      start = start_of(arm, run_config, init, record)
       if arm != "cnn_finetune":
         record["gates"] = {
           "start": _gate_stats(start["params"]),
@@ -414,12 +423,7 @@ def run_finetune(config, workdir: str | os.PathLike, *, dataset=None) -> dict[st
         }
       trained.setdefault(arm, {})[seed] = (variables, record)
 
-  # Clean and corrupted test accuracy of every best checkpoint (one compiled forward per model).
-  models = {
-    arm: train_lib._build_model(arm_config(config, arm, seeds[0]), dataset.num_classes)
-    for arm in trained
-  }
-  accuracy = {arm: _accuracy_fn(models[arm], dataset) for arm in trained}
+  # Clean and corrupted test accuracy of every best checkpoint.
   for arm, runs in trained.items():
     for variables, record in runs.values():
       record["clean"] = accuracy[arm](variables, images, labels)

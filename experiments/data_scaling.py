@@ -395,20 +395,21 @@ def analyze(
     "gain_over_baseline": {model: {size: t_interval of (acc - acc_base) / acc_base, paired}},
     "trends": gap_trends(...)}``; a comparison is left out when its reference model has no run.
   """
-  table = _by_point(records)
-  accuracy = {
-    m: {str(n): t_interval(list(seeds.values()), confidence) for n, seeds in sorted(sizes.items())}
-    for m, sizes in table.items()
-  }
 
-  init_table = _by_point(
-    [{**r, "test_accuracy": r["init_test_accuracy"]} for r in records if _has_init(r)]
+  def per_size(table: dict[str, dict[int, dict[int, float]]]) -> dict[str, dict[str, Any]]:
+    return {
+      m: {str(n): t_interval(list(seeds.values()), confidence) for n, seeds in sorted(s.items())}
+      for m, s in table.items()
+    }
+
+  table = _by_point(records)
+  accuracy = per_size(table)
+  complete = {m for m in table if all(_has_init(r) for r in records if r["model"] == m)}
+  init_accuracy = per_size(
+    _by_point(
+      [{**r, "test_accuracy": r["init_test_accuracy"]} for r in records if r["model"] in complete]
+    )
   )
-  init_accuracy = {
-    m: {str(n): t_interval(list(seeds.values()), confidence) for n, seeds in sorted(sizes.items())}
-    for m, sizes in init_table.items()
-    if all(_has_init(r) for r in records if r["model"] == m)
-  }
 
   def compare(ref: str, relative: bool) -> dict[str, dict[str, Any]]:
     if ref not in table:
@@ -444,15 +445,13 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     return f"{m:{fmt}} [{v['low'] * scale:{fmt}}, {v['high'] * scale:{fmt}}]"
 
   conf = int(round(100 * summary["confidence"]))
-  lines = ["test accuracy: mean +- std over seeds (n), by training-set size"]
-  for model, sizes in summary["accuracy"].items():
-    row = "  ".join(
-      f"{n}: {v['mean']:.4f}+-{(v['std'] or 0.0):.4f} ({v['n']})" for n, v in sizes.items()
-    )
-    lines.append(f"  {model:26s} {row}")
-  if summary.get("init_accuracy"):
-    lines.append("test accuracy at initialisation: mean +- std over seeds (n)")
-    for model, sizes in summary["init_accuracy"].items():
+  lines = []
+  tables = (("accuracy", "test accuracy"), ("init_accuracy", "test accuracy at initialisation"))
+  for key, title in tables:
+    if key == "init_accuracy" and not summary.get(key):
+      continue
+    lines.append(f"{title}: mean +- std over seeds (n), by training-set size")
+    for model, sizes in summary[key].items():
       row = "  ".join(
         f"{n}: {v['mean']:.4f}+-{(v['std'] or 0.0):.4f} ({v['n']})" for n, v in sizes.items()
       )

@@ -261,14 +261,6 @@ def _round4(value: Any) -> Any:
   return round(value, 4) if isinstance(value, float) else value
 
 
-def _mean_std(x: np.ndarray) -> dict[str, float | None]:
-  """Mean and standard deviation (ddof = 1; None for one value), rounded to 4 decimals."""
-  return {
-    "mean": round(float(x.mean()), 4),
-    "std": round(float(x.std(ddof=1)), 4) if x.size > 1 else None,
-  }
-
-
 def summarise_seeds(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
   """Per layer, over the runs (seeds) of one model (entries of :func:`summarise_run`): for
   ``r90``, ``mass_within_sqrt2`` and ``attention_distance``, ``{"init": {"mean", "std"},
@@ -291,17 +283,12 @@ def summarise_seeds(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
       a = np.array([v[key] for v in init])
       b = np.array([v[key] for v in final])
       entry[key] = {
-        "init": _mean_std(a),
-        "final": _mean_std(b),
+        "init": {k: _round4(t_interval(a)[k]) for k in ("mean", "std")},
+        "final": {k: _round4(t_interval(b)[k]) for k in ("mean", "std")},
         "change": {k: _round4(v) for k, v in t_interval(b - a).items()},
       }
     out.append(entry)
   return out
-
-
-def _finished(workdir: pathlib.Path) -> bool:
-  summary = workdir / "summary.json"
-  return summary.exists() and bool(json.loads(summary.read_text()).get("completed"))
 
 
 def study_workdirs(
@@ -309,11 +296,13 @@ def study_workdirs(
 ) -> tuple[list[str], list[str]]:
   """``(workdirs, names)`` of every finished seed ``<study_workdir>/<model>/n<size>/s*`` of a
   data-efficiency grid (:func:`experiments.data_scaling.run_dir`), seeds in numerical order."""
+  from experiments.data_scaling import _completed
+
   workdirs, names = [], []
   for model in models:
     base = pathlib.Path(study_workdir) / model / f"n{size}"
     seeds = sorted(base.glob("s*"), key=lambda p: int(p.name[1:]) if p.name[1:].isdigit() else -1)
-    done = [p for p in seeds if _finished(p)]
+    done = [p for p in seeds if _completed(p)]
     if not done:
       raise ValueError(f"study_workdir: expected finished runs in {base}/s*, found none")
     workdirs += [str(p) for p in done]
