@@ -110,7 +110,9 @@ def _load_run(workdir: str | os.PathLike, num_images: int) -> tuple[Any, Any, An
   dataset = train_lib.load_dataset_from_config(config)
   model = train_lib._build_model(config, dataset.num_classes)
   images = input_pipeline.normalize(dataset.test_images[:num_images], dataset.mean, dataset.std)
-  down = int(config.model.get("downsample", 1))
+  # One token per patch (ViT backbone) or per space-to-depth block (AttentionNet, SmallCNN).
+  key = "patch_size" if "patch_size" in config.model else "downsample"
+  down = int(config.model.get(key, 1))
   grid = tuple(n // down for n in dataset.image_shape[:2])
   return config, dataset, model, images, grid
 

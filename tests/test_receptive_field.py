@@ -112,6 +112,30 @@ def test_trained_workdir(tmp_path, monkeypatch):
     rf.layer_probabilities(tmp_path, which="last")
 
 
+def test_vit_workdir_uses_the_patch_grid(tmp_path, monkeypatch):
+  """The ViT backbone's tokens are its patches: a 28x28 image in 4x4 patches is a 7x7 grid, for
+  its GPSA and its content layers alike."""
+  monkeypatch.setattr(train_lib, "load_dataset_from_config", lambda config: _synthetic(40))
+  config = common.base_config()
+  config.model = {
+    "name": "vit",
+    "num_layers": 2,
+    "num_heads": 4,
+    "hidden_size": 8,
+    "mlp_dim": 8,
+    "patch_size": 4,
+    "gpsa_layers": 1,
+  }
+  config.num_train_steps, config.eval_every_steps, config.checkpoint_every_steps = 1, 1, 1
+  config.batch_size, config.progress_bar, config.plot = 8, False, False
+  train_lib.train_and_evaluate(config, tmp_path, dataset=_synthetic(40))
+  probs, grid = rf.layer_probabilities(tmp_path, num_images=3)
+  assert grid == (7, 7) and len(probs) == 2
+  assert all(p.shape[-2:] == (49, 49) for p in probs)
+  entry = rf.summarise_run(tmp_path, num_images=3)
+  assert entry["grid"] == [7, 7] and len(entry["layers"]) == len(entry["init_layers"]) == 2
+
+
 def test_initial_variables_are_the_trainers(tmp_path, monkeypatch):
   """initial_variables reproduces the trainer's initialisation: a run with learning rate 0
   keeps its initial parameters as its best checkpoint."""
