@@ -1,9 +1,9 @@
-"""Learned receptive fields: per layer, the attention mass within radius r of the query.
+r"""Learned receptive fields: per layer, the attention mass within radius r of the query.
 
-Usage::
+Usage (trainer workdirs; a name repeated marks seeds of one model)::
 
-  python -m experiments.receptive_field --workdirs=runs/data_scaling/attention_quadratic/nall/s0,... \
-    [--names=quadratic,...] [--out=experiments/results/receptive_field.json] \
+  python -m experiments.receptive_field --workdirs=runs/priors/gpsa,runs/priors/vit \
+    [--names=gpsa,vit] [--out=experiments/results/receptive_field.json] \
     [--plot=experiments/results/receptive_field.png]
 
 For each trained attention network (a trainer workdir: ``config.json`` and ``best/``) and each
@@ -345,7 +345,7 @@ def plot(results: dict[str, Any], path: str | os.PathLike) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4.6))
   depth = 0
   for i, (name, entry) in enumerate(results["models"].items()):
     color = f"C{i}"
@@ -376,8 +376,17 @@ def plot(results: dict[str, Any], path: str | os.PathLike) -> None:
   for ax in axes:
     ax.set_xticks(xs)
     ax.grid(alpha=0.3)
-  axes[0].legend(fontsize=7, title="dashed: at initialisation", title_fontsize=7)
-  fig.tight_layout()
+  handles, labels = axes[0].get_legend_handles_labels()
+  fig.legend(
+    handles,
+    labels,
+    loc="lower center",
+    ncol=4,
+    fontsize=7,
+    title="dashed: at initialisation",
+    title_fontsize=7,
+  )
+  fig.tight_layout(rect=(0, 0.16, 1, 1))
   fig.savefig(path, dpi=130)
   plt.close(fig)
 
