@@ -476,6 +476,90 @@ def format_summary(summary: Mapping[str, Any]) -> str:
   return "\n".join(lines)
 
 
+def _size_label(size: str | int) -> str:
+  return f"{int(size):,}"
+
+
+def format_markdown(records: Sequence[Mapping[str, Any]], summary: Mapping[str, Any]) -> str:
+  """The analysis as Markdown tables (``--markdown``; the form ``docs/experiments.md`` quotes).
+
+  Tables: test accuracy (mean +- std over seeds, the parameter count and the accuracy at
+  initialisation, shared by the sizes); the mean final training accuracy (a point near 1 has fit
+  its subset; one well below it is limited by its budget); the paired gap to the reference in
+  accuracy points and the paired relative gain over the baseline in %, mean [interval]; the
+  trend of the gap with data.
+  """
+  import numpy as np
+
+  conf = int(round(100 * summary["confidence"]))
+  sizes = sorted({int(n) for by_size in summary["accuracy"].values() for n in by_size})
+  header = "| model | " + " | ".join(_size_label(n) for n in sizes) + " |"
+  rule = "|---" * (len(sizes) + 1) + "|"
+
+  def row(model: str, cells: Mapping[int, str], extra: Sequence[str] = ()) -> str:
+    return f"| `{model}` | " + " | ".join([*extra, *(cells.get(n, "") for n in sizes)]) + " |"
+
+  def interval(v: Mapping[str, Any], scale: float) -> str:
+    if v["low"] is None:
+      return f"{v['mean'] * scale:+.2f}"
+    return f"{v['mean'] * scale:+.2f} [{v['low'] * scale:+.2f}, {v['high'] * scale:+.2f}]"
+
+  params = {r["model"]: r.get("params") for r in records}
+  lines = [
+    "Test accuracy, mean ± std over seeds (seeds), by training-set size; at initialisation: "
+    "mean ± std over the seeds' initial networks.",
+    "",
+    "| model | params | at initialisation | " + header[len("| model | ") :],
+    "|---|---" + rule,
+  ]
+  for model, by_size in summary["accuracy"].items():
+    init = summary.get("init_accuracy", {}).get(model)
+    init_cell = ""
+    if init:  # One initialisation per model and seed: the first size's values stand for all.
+      v = next(iter(init.values()))
+      init_cell = f"{v['mean']:.3f} ± {(v['std'] or 0.0):.3f}"
+    cells = {
+      int(n): f"{v['mean']:.3f} ± {(v['std'] or 0.0):.3f} ({v['n']})" for n, v in by_size.items()
+    }
+    count = params.get(model)
+    lines.append(row(model, cells, ["" if count is None else f"{count:,}", init_cell]))
+  train: dict[str, dict[int, list[float]]] = {}
+  for r in records:
+    if r.get("final_train_accuracy") is not None:
+      train.setdefault(r["model"], {}).setdefault(int(r["train_size"]), []).append(
+        float(r["final_train_accuracy"])
+      )
+  if train:
+    lines += ["", "Final training accuracy (last logged, augmented batches), mean over seeds."]
+    lines += ["", header, rule]
+  for model, by_size in train.items():
+    lines.append(row(model, {n: f"{np.mean(v):.3f}" for n, v in by_size.items()}))
+  for key, title, scale in (
+    ("gap_to_reference", f"Gap to `{summary['reference']}`, accuracy points", 100.0),
+    ("gain_over_baseline", f"Relative gain over `{summary['baseline']}`, %", 100.0),
+  ):
+    lines += ["", f"{title}, mean [{conf} % interval, paired over seeds].", "", header, rule]
+    for model, by_size in summary[key].items():
+      lines.append(row(model, {int(n): interval(v, scale) for n, v in by_size.items()}))
+  if summary.get("trends"):
+    lines += [
+      "",
+      f"Trend of the gap to `{summary['reference']}` with data: slope in points per decade of "
+      f"training images, mean [{conf} % interval over seeds].",
+      "",
+      "| model | gap, smallest → largest size | slope | verdict | crossover |",
+      "|---|---|---|---|---|",
+    ]
+    for model, t in summary["trends"].items():
+      slope = "n/a" if t["slope_per_decade"] is None else interval(t["slope_per_decade"], 100.0)
+      cross = "none" if t["crossover_size"] is None else f"{t['crossover_size']:,.0f} images"
+      lines.append(
+        f"| `{model}` | {100 * t['gap_at_smallest']:+.2f} → {100 * t['gap_at_largest']:+.2f} | "
+        f"{slope} | {t['verdict']} | {cross} |"
+      )
+  return "\n".join(lines) + "\n"
+
+
 def plot(records: Sequence[dict], path: str | os.PathLike) -> None:
   """Test accuracy (mean, 95% t interval over seeds) and the paired gap to the CNN (mean, 95%
   interval) against the training-set size (log scale), one line per model."""
@@ -542,6 +626,7 @@ def _define_flags() -> None:
   flags.DEFINE_integer("worker_index", -1, "Internal: run only this worker's share of the grid.")
   flags.DEFINE_string("out", "experiments/results/data_scaling.json", "Records and analysis.")
   flags.DEFINE_string("plot", "experiments/results/data_scaling.png", "Plot ('' for none).")
+  flags.DEFINE_string("markdown", "", "Also write the analysis as Markdown tables here.")
   flags.DEFINE_bool("aggregate_only", False, "Only gather finished runs into --out and --plot.")
   flags.DEFINE_bool("init_accuracy", True, "Evaluate each run's initialisation on the test set.")
   config_flags.DEFINE_config_file("config", None, "experiments/configs/data_scaling.py[:arg]")
@@ -572,6 +657,8 @@ def main(argv: list[str]) -> None:
     + "\n"
   )
   print(format_summary(summary), flush=True)
+  if FLAGS.markdown:
+    pathlib.Path(FLAGS.markdown).write_text(format_markdown(records, summary))
   if FLAGS.plot and records:
     plot(records, FLAGS.plot)
   print(f"{len(records)} records -> {FLAGS.out}", flush=True)

@@ -366,6 +366,32 @@ def test_paired_intervals_on_a_hand_made_example():
   assert "shrinks" in text and "gpsa" in text
 
 
+def test_markdown_tables_quote_the_analysis():
+  records = _records(HAND)
+  for r in records:
+    r["params"] = {"cnn": 94_000, "gpsa": 174_790, "vit": 174_682}[r["model"]]
+    r["init_test_accuracy"] = 0.1 + 0.01 * r["seed"]
+    r["final_train_accuracy"] = 0.9 if r["train_size"] < 100000 else 0.6 + 0.1 * r["seed"]
+  text = data_scaling.format_markdown(records, data_scaling.analyze(records))
+  lines = text.splitlines()
+  assert "| model | params | at initialisation | 1,000 | 10,000 | 100,000 |" in lines
+  assert "|---|---|---|---|---|---|" in lines
+  # Accuracy: mean +- sample std (seeds); the initialisation's mean +- std over seeds.
+  assert "| `cnn` | 94,000 | 0.110 ± 0.010 | 0.810 ± 0.010 (3) | 0.900 ± 0.000 (3) |" in text
+  # Mean final training accuracy (0.6, 0.7, 0.8 at 100,000 images).
+  assert "| `gpsa` | 0.900 | 0.900 | 0.700 |" in lines
+  # gpsa - cnn at 1000: -4 points, half-width t * 1 / sqrt 3 = 2.48 points.
+  assert "| `gpsa` | -4.00 [-6.48, -1.52] | -1.00 [-8.45, +6.45] | +2.00 [-5.45, +9.45] |" in lines
+  # Relative gain of gpsa over vit at 10,000: +78 %.
+  assert any(line.startswith("| `gpsa` | ") and "| +78.00 [" in line for line in lines)
+  # The trend: slope +3 points per decade, shrinks, crossover a third of a decade above 10,000.
+  trend = next(line for line in lines if line.startswith("| `gpsa` | -4.00 → +2.00"))
+  assert "| +3.00 [" in trend and "| shrinks | 21,544 images |" in trend
+  # Records without parameter counts or initial accuracies leave those cells empty.
+  bare = data_scaling.format_markdown(_records(HAND), data_scaling.analyze(_records(HAND)))
+  assert "| `cnn` |  |  | 0.810 ± 0.010 (3) |" in bare and "Final training" not in bare
+
+
 def test_crossover_and_verdicts():
   def trend(gaps_by_size):
     table = {"cnn": {}, "m": {}}

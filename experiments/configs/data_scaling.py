@@ -65,7 +65,9 @@ Command (resumable -- rerun the same command after a kill; finished runs are ski
     --workdir=runs/data_scaling_convergence --workers=2
 
 It writes ``experiments/results/data_scaling.json`` (records and the analysis) and
-``experiments/results/data_scaling.png``.
+``experiments/results/data_scaling.png``; ``--markdown=<path>`` also writes the analysis as the
+Markdown tables ``docs/experiments.md`` quotes, and ``--aggregate_only`` analyses the finished runs
+without training.
 
 Variants:
   ``data_scaling.py:cifar10``: the same grid on CIFAR-10 (45,000 training images; downloaded into
