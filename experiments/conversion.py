@@ -522,6 +522,76 @@ def format_finetune(results: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
+def format_finetune_markdown(results: dict[str, Any]) -> str:
+  """The T-CNN study as Markdown tables (``--markdown``; the form ``docs/experiments.md``
+  quotes): per arm the parameter count, epochs, test accuracy at step 0 and of the
+  best-validation checkpoint, clean and under each corruption (%, mean +- std over seeds); the
+  paired differences (accuracy points, mean [95% t interval]); for the GPSA arms, the content
+  weight sigmoid(-gate) per layer at step 0 and at the best checkpoint (mean over heads and
+  seeds)."""
+  import numpy as np
+
+  metrics = results["metrics"]
+
+  def pct(v: dict[str, Any]) -> str:
+    return f"{100 * v['mean']:.2f}" + ("" if v["std"] is None else f" ± {100 * v['std']:.2f}")
+
+  def points(v: dict[str, Any]) -> str:
+    if v["low"] is None:
+      return f"{100 * v['mean']:+.2f}"
+    return f"{100 * v['mean']:+.2f} [{100 * v['low']:+.2f}, {100 * v['high']:+.2f}]"
+
+  seeds = len(next(iter(results["runs"].values()), {}))
+  lines = [
+    f"Test accuracy (%), mean ± std over {seeds} seeds; at step 0: the network each arm starts "
+    "from.",
+    "",
+    "| arm | params | epochs | at step 0 | " + " | ".join(metrics) + " |",
+    "|---" * (len(metrics) + 4) + "|",
+  ]
+  for arm, summary in results["summary"].items():
+    runs = list(results["runs"][arm].values())
+    epochs = np.mean([r["epochs"] for r in runs])
+    lines.append(
+      f"| `{arm}` | {runs[0]['num_params']:,} | {epochs:g} | "
+      f"{pct(summary['start_test_accuracy'])} | "
+      + " | ".join(pct(summary[m]) for m in metrics)
+      + " |"
+    )
+  lines += [
+    "",
+    "Paired differences (accuracy points), mean [95 % t interval over seeds].",
+    "",
+    "| difference | " + " | ".join(metrics) + " |",
+    "|---" * (len(metrics) + 1) + "|",
+  ]
+  for name, by_metric in results["paired"].items():
+    if by_metric:
+      lines.append(f"| {name} | " + " | ".join(points(by_metric[m]) for m in metrics) + " |")
+  gated = {
+    arm: runs for arm, runs in results["runs"].items() if "gates" in next(iter(runs.values()))
+  }
+  if gated:
+    lines += [
+      "",
+      "Content weight sigmoid(−gate) per GPSA layer, mean over heads and seeds (max over heads "
+      "and seeds): at step 0 → at the best checkpoint.",
+      "",
+      "| arm | layer | at step 0 | best checkpoint |",
+      "|---|---|---|---|",
+    ]
+    for arm, runs in gated.items():
+      for layer in next(iter(runs.values()))["gates"]["start"]:
+        cells = []
+        for when in ("start", "end"):
+          stats = [r["gates"][when][layer] for r in runs.values()]
+          mean = np.mean([g["content_weight_mean"] for g in stats])
+          high = np.max([g["content_weight_max"] for g in stats])
+          cells.append(f"{mean:.3g} ({high:.3g})")
+        lines.append(f"| `{arm}` | {layer} | {cells[0]} | {cells[1]} |")
+  return "\n".join(lines) + "\n"
+
+
 def plot_finetune(results: dict[str, Any], path: str | os.PathLike) -> None:
   """Accuracy per metric (clean, each corruption, their mean) for every arm, and the paired
   differences with 95% intervals, into ``path``."""
@@ -579,6 +649,7 @@ def _define_flags() -> None:
     "",
     "Figure of the finetune study (default experiments/results/conversion_finetune.png).",
   )
+  flags.DEFINE_string("markdown", "", "The finetune study's tables as Markdown, written here.")
   config_flags.DEFINE_config_file("config", None, "experiments/configs/conversion.py[:arg]")
   flags.mark_flags_as_required(["config", "workdir"])
 
@@ -595,6 +666,8 @@ def main(argv: list[str]) -> None:
     pathlib.Path(out).write_text(json.dumps(results, indent=1) + "\n")
     plot_finetune(results, FLAGS.plot or "experiments/results/conversion_finetune.png")
     print(format_finetune(results), flush=True)
+    if FLAGS.markdown:
+      pathlib.Path(FLAGS.markdown).write_text(format_finetune_markdown(results))
     return
   results = run(FLAGS.config, FLAGS.workdir)
   text = json.dumps(results, indent=1) + "\n"

@@ -146,6 +146,16 @@ def test_finetune_end_to_end(tmp_path):
   saved = json.loads((tmp_path / "conversion_finetune.json").read_text())
   assert saved["paired"] == json.loads(json.dumps(results["paired"]))
   assert "tcnn" in conversion.format_finetune(results)
+  # The Markdown tables quote the same numbers (one seed: no std, no interval).
+  lines = conversion.format_finetune_markdown(results).splitlines()
+  assert "| arm | params | epochs | at step 0 | " + " | ".join(results["metrics"]) + " |" in lines
+  tcnn = results["runs"]["tcnn"]["0"]
+  row = next(line for line in lines if line.startswith("| `tcnn` | "))
+  assert row.startswith(f"| `tcnn` | {tcnn['num_params']:,} | {tcnn['epochs']:g} | ")
+  assert f"| {100 * tcnn['start_test_accuracy']:.2f} | {100 * tcnn['clean']:.2f} |" in row
+  assert f"| tcnn - cnn_finetune | {100 * diff['mean']:+.2f} |" in "\n".join(lines)
+  assert "| `tcnn` | conv3 | 4.14e-08 (4.14e-08) | " in "\n".join(lines)
+  assert not any(line.startswith("| `cnn_finetune` | conv3") for line in lines)
   conversion.plot_finetune(results, tmp_path / "finetune.png")
   assert (tmp_path / "finetune.png").stat().st_size > 1000
   # Resuming retrains nothing (the same summaries) and gives the same results.

@@ -96,7 +96,8 @@ fully used by these small networks). Command (resumable)::
 
 Runs in ``<workdir>/cnn/s<seed>`` and ``<workdir>/<arm>/s<seed>``; writes
 ``experiments/results/conversion_finetune.json`` (per arm, seed and corruption; paired
-differences with intervals) and ``experiments/results/conversion_finetune.png``.
+differences with intervals) and ``experiments/results/conversion_finetune.png``;
+``--markdown=<path>`` also writes its tables in the form ``docs/experiments.md`` quotes.
 ``conversion.py:finetune,smoke`` runs a few steps of every arm on 1 seed (tests).
 """
 
