@@ -30,7 +30,11 @@ change (trained minus initial) and its 95% t interval over seeds (``seeds``,
     --study_models=vit,vit_mimetic,gpsa,attention_quadratic,attention_conv_init,attention_learned_content \
     --study_size=all
 
-(every seed ``<study_workdir>/<model>/n<size>/s*`` that finished).
+(every seed ``<study_workdir>/<model>/n<size>/s*`` that finished). Every model entry also has
+``network_mean``: the same three quantities averaged over the layers of each run, then over
+seeds. Several sizes (``--study_size=1000,3000,10000,30000,all``) measure locality against the
+amount of training data: the JSON holds ``sizes: {size: {"train_examples", "models"}}`` and the
+figure (:func:`plot_sizes`) the network means against the training-set size.
 """
 
 from __future__ import annotations
@@ -232,8 +236,11 @@ def summarise_run(
   final = _sown_probabilities(model, conversion.load_best(workdir), images)
   init = _sown_probabilities(model, initial_variables(config, model, dataset.image_shape), images)
   radii = RADII if radii is None else radii
+  summary_path = pathlib.Path(workdir) / "summary.json"
+  summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
   return {
     "workdir": str(workdir),
+    "train_examples": summary.get("num_train_examples"),
     "grid": list(grid),
     "layers": analyse(final, grid, radii),
     "init_layers": analyse(init, grid, radii),
@@ -269,8 +276,6 @@ def summarise_seeds(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
   "final": {"mean", "std"}, "change": t interval}`` where ``change`` is the paired difference
   trained minus initial (:func:`experiments.data_scaling.t_interval`: ``mean``, ``std``,
   ``low``, ``high``, ``n``; with one seed ``std``, ``low`` and ``high`` are None)."""
-  from experiments.data_scaling import t_interval
-
   if not runs:
     raise ValueError("runs: expected at least one run, got none")
   depth = {len(r["layers"]) for r in runs}
@@ -281,15 +286,40 @@ def summarise_seeds(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     init = [_run_values(r, layer, "init") for r in runs]
     final = [_run_values(r, layer, "final") for r in runs]
     entry: dict[str, Any] = {"layer": layer}
-    for key in ("r90", "mass_within_sqrt2", "attention_distance"):
-      a = np.array([v[key] for v in init])
-      b = np.array([v[key] for v in final])
-      entry[key] = {
-        "init": {k: _round4(t_interval(a)[k]) for k in ("mean", "std")},
-        "final": {k: _round4(t_interval(b)[k]) for k in ("mean", "std")},
-        "change": {k: _round4(v) for k, v in t_interval(b - a).items()},
-      }
+    for key in SUMMARISED:
+      entry[key] = _init_final_change([v[key] for v in init], [v[key] for v in final])
     out.append(entry)
+  return out
+
+
+SUMMARISED = ("r90", "mass_within_sqrt2", "attention_distance")
+
+
+def _init_final_change(init: Sequence[float], final: Sequence[float]) -> dict[str, Any]:
+  """Over seeds: ``init`` and ``final`` mean and std, and the paired ``change`` (t interval)."""
+  from experiments.data_scaling import t_interval
+
+  a, b = np.asarray(init, np.float64), np.asarray(final, np.float64)
+  return {
+    "init": {k: _round4(t_interval(a)[k]) for k in ("mean", "std")},
+    "final": {k: _round4(t_interval(b)[k]) for k in ("mean", "std")},
+    "change": {k: _round4(v) for k, v in t_interval(b - a).items()},
+  }
+
+
+def network_means(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+  """Over the runs (seeds) of one model, each run's mean over its layers of ``r90``,
+  ``mass_within_sqrt2`` and ``attention_distance``, summarised as :func:`summarise_seeds`
+  summarises one layer (init and trained mean and std, paired change)."""
+  if not runs:
+    raise ValueError("runs: expected at least one run, got none")
+  out = {}
+  for key in SUMMARISED:
+    per_run = {
+      when: [np.mean([_run_values(r, i, when)[key] for i in range(len(r["layers"]))]) for r in runs]
+      for when in ("init", "final")
+    }
+    out[key] = _init_final_change(per_run["init"], per_run["final"])
   return out
 
 
@@ -399,8 +429,10 @@ def _define_flags() -> None:
     "study_workdir", None, "A data-efficiency grid's workdir (instead of --workdirs)."
   )
   flags.DEFINE_list("study_models", [], "With --study_workdir: the models.")
-  flags.DEFINE_string(
-    "study_size", "all", "With --study_workdir: the training-set size (or 'all')."
+  flags.DEFINE_list(
+    "study_size",
+    ["all"],
+    "With --study_workdir: the training-set size (or 'all'); several: locality against size.",
   )
   flags.DEFINE_integer("images", 200, "Test images averaged over for content attention.")
   flags.DEFINE_string("out", "experiments/results/receptive_field.json", "Results (JSON).")
@@ -411,49 +443,139 @@ def _fmt(stat: dict[str, Any], digits: int = 2) -> str:
   return f"{stat['mean']:.{digits}f}" + (f"+-{stat['std']:.{digits}f}" if stat["std"] else "")
 
 
-def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
-  if not FLAGS["verbosity"].present:
-    absl_logging.set_verbosity(absl_logging.WARNING)
-  workdirs, names = list(FLAGS.workdirs), list(FLAGS.names or FLAGS.workdirs)
-  if FLAGS.study_workdir:
-    if workdirs or not FLAGS.study_models:
-      raise app.UsageError("--study_workdir: expected --study_models and no --workdirs")
-    workdirs, names = study_workdirs(FLAGS.study_workdir, FLAGS.study_models, FLAGS.study_size)
-  if len(names) != len(workdirs):
-    raise app.UsageError("--names: expected one name per workdir")
-  results: dict[str, Any] = {"radii": list(RADII), "models": {}}
+def summarise_models(
+  names: Sequence[str], workdirs: Sequence[str], num_images: int = 200, label: str = ""
+) -> dict[str, Any]:
+  """``name -> {"grid", "seeds", "network_mean", "runs"}`` over the workdirs (names repeated:
+  seeds of one model), printing one line per model and layer."""
   runs: dict[str, list[dict[str, Any]]] = {}
   for name, workdir in zip(names, workdirs):
-    runs.setdefault(name, []).append(summarise_run(workdir, FLAGS.images))
+    runs.setdefault(name, []).append(summarise_run(workdir, num_images))
+  models = {}
   for name, entries in runs.items():
     grids = {tuple(e["grid"]) for e in entries}
     if len(grids) != 1:
       raise ValueError(
         f"workdirs: expected one token grid per name, got {sorted(grids)} for {name}"
       )
-    results["models"][name] = entry = {
+    models[name] = entry = {
       "grid": entries[0]["grid"],
       "seeds": summarise_seeds(entries),
+      "network_mean": network_means(entries),
       "runs": entries,
     }
     for lay in entry["seeds"]:
       print(
-        f"{name:26s} layer {lay['layer'] + 1} ({len(entries)} runs), init -> trained: "
+        f"{label}{name:26s} layer {lay['layer'] + 1} ({len(entries)} runs), init -> trained: "
         f"r90 {_fmt(lay['r90']['init'])} -> {_fmt(lay['r90']['final'])}  "
         f"mass<=sqrt2 {_fmt(lay['mass_within_sqrt2']['init'], 3)} -> "
         f"{_fmt(lay['mass_within_sqrt2']['final'], 3)}  attention distance "
         f"{_fmt(lay['attention_distance']['init'])} -> {_fmt(lay['attention_distance']['final'])}"
       )
-  if results["models"]:  # Reference: every head uniform over the grid (no locality at all).
-    grid = next(iter(results["models"].values()))["grid"]
-    n = int(np.prod(grid))
-    results["uniform_reference"] = analyse([np.full((1, n, n), 1.0 / n)], grid, RADII)[0]
-  pathlib.Path(FLAGS.out).parent.mkdir(parents=True, exist_ok=True)
-  pathlib.Path(FLAGS.out).write_text(json.dumps(results, indent=1) + "\n")
+  return models
+
+
+def uniform_reference(grid: Sequence[int]) -> dict[str, Any]:
+  """:func:`analyse` of every head uniform over the grid (no locality at all)."""
+  n = int(np.prod(grid))
+  return analyse([np.full((1, n, n), 1.0 / n)], grid, RADII)[0]
+
+
+def plot_sizes(results: dict[str, Any], path: str | os.PathLike) -> None:
+  """Per model against the training-set size: the mean over layers of the mass within sqrt(2)
+  and of the attention distance after training (bars: std over seeds) and at initialisation
+  (dashed)."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4.6))
+  names = list(dict.fromkeys(m for s in results["sizes"].values() for m in s["models"]))
+  for i, name in enumerate(names):
+    points = sorted(
+      (s["train_examples"], s["models"][name]["network_mean"])
+      for s in results["sizes"].values()
+      if name in s["models"]
+    )
+    x = np.array([n for n, _ in points], dtype=float) * (1 + 0.015 * (i - len(names) / 2))
+    for ax, key in zip(axes, ("mass_within_sqrt2", "attention_distance")):
+      final = [m[key]["final"] for _, m in points]
+      ax.errorbar(
+        x,
+        [v["mean"] for v in final],
+        yerr=[v["std"] or 0.0 for v in final],
+        marker="o",
+        color=f"C{i}",
+        capsize=2,
+        label=f"{name} (trained)",
+      )
+      ax.plot(x, [m[key]["init"]["mean"] for _, m in points], "--", color=f"C{i}", alpha=0.6)
+  uniform = results.get("uniform_reference")
+  if uniform:
+    axes[0].axhline(uniform["mass_within"][WINDOW], ls=":", color="gray", label="uniform attention")
+    axes[1].axhline(uniform["mean_distance"], ls=":", color="gray")
+  axes[0].set(ylabel="mass within sqrt(2), mean over layers", title="attention in the 3x3 window")
+  axes[1].set(ylabel="attention distance (tokens), mean over layers", title="attention distance")
+  for ax in axes:
+    ax.set_xscale("log")
+    ax.set_xlabel("training images")
+    ax.grid(alpha=0.3)
+  handles, labels = axes[0].get_legend_handles_labels()
+  fig.legend(
+    handles,
+    labels,
+    loc="lower center",
+    ncol=4,
+    fontsize=7,
+    title="dashed: at initialisation",
+    title_fontsize=7,
+  )
+  fig.tight_layout(rect=(0, 0.16, 1, 1))
+  fig.savefig(path, dpi=130)
+  plt.close(fig)
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
+  if not FLAGS["verbosity"].present:
+    absl_logging.set_verbosity(absl_logging.WARNING)
+  workdirs, names = list(FLAGS.workdirs), list(FLAGS.names or FLAGS.workdirs)
+  results: dict[str, Any] = {"radii": list(RADII)}
+  sizes = list(FLAGS.study_size)
+  if FLAGS.study_workdir:
+    if workdirs or not FLAGS.study_models:
+      raise app.UsageError("--study_workdir: expected --study_models and no --workdirs")
+    if len(sizes) > 1:  # Locality against the training-set size.
+      results["sizes"] = {}
+      for size in sizes:
+        workdirs, names = study_workdirs(FLAGS.study_workdir, FLAGS.study_models, size)
+        models = summarise_models(names, workdirs, FLAGS.images, label=f"n={size} ")
+        examples = {r["train_examples"] for m in models.values() for r in m["runs"]}
+        if len(examples) != 1:
+          raise ValueError(f"study_size: expected one training-set size in n{size}, got {examples}")
+        results["sizes"][size] = {"train_examples": examples.pop(), "models": models}
+      grid = next(iter(next(iter(results["sizes"].values()))["models"].values()))["grid"]
+      results["uniform_reference"] = uniform_reference(grid)
+      _write(results, FLAGS.out)
+      if FLAGS.plot:
+        plot_sizes(results, FLAGS.plot)
+      return
+    workdirs, names = study_workdirs(FLAGS.study_workdir, FLAGS.study_models, sizes[0])
+  if len(names) != len(workdirs):
+    raise app.UsageError("--names: expected one name per workdir")
+  results["models"] = summarise_models(names, workdirs, FLAGS.images)
+  if results["models"]:
+    results["uniform_reference"] = uniform_reference(next(iter(results["models"].values()))["grid"])
+  _write(results, FLAGS.out)
   if FLAGS.plot and results["models"]:
     plot(results, FLAGS.plot)
+
+
+def _write(results: dict[str, Any], path: str) -> None:
+  pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+  pathlib.Path(path).write_text(json.dumps(results, indent=1) + "\n")
 
 
 if __name__ == "__main__":

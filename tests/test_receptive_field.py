@@ -243,6 +243,42 @@ def test_summarise_seeds_pairs_trained_with_initial_values():
     rf.summarise_seeds([no_window])
 
 
+def test_network_means_average_layers_within_each_seed(tmp_path):
+  from experiments.data_scaling import t_interval
+
+  runs = [
+    _run_entry([2.0, 3.0], [1.5, 3.5], [0.5, 0.4], [0.75, 0.25], [2.5, 2.5], [2.0, 3.0]),
+    _run_entry([2.5, 3.0], [1.5, 4.0], [0.5, 0.5], [0.5, 0.25], [2.5, 2.0], [1.5, 3.5]),
+    _run_entry([2.0, 3.5], [1.0, 4.0], [0.25, 0.5], [1.0, 0.5], [3.0, 2.5], [2.0, 3.0]),
+  ]
+  means = rf.network_means(runs)
+  # Layer means per seed, mass within sqrt(2): init (0.45, 0.5, 0.375), final (0.5, 0.375, 0.75).
+  mass = means["mass_within_sqrt2"]
+  assert mass["init"]["mean"] == pytest.approx(1.325 / 3, abs=1e-4)
+  assert mass["final"]["std"] == pytest.approx(float(np.std([0.5, 0.375, 0.75], ddof=1)), abs=1e-4)
+  expected = t_interval([0.05, -0.125, 0.375])
+  for k in ("mean", "low", "high"):
+    assert mass["change"][k] == pytest.approx(expected[k], abs=1e-4)
+  assert means["r90"]["final"]["mean"] == pytest.approx((2.5 + 2.75 + 2.5) / 3, abs=1e-4)
+  with pytest.raises(ValueError, match="runs"):
+    rf.network_means([])
+  # Uniform attention: the reference the figures draw.
+  uniform = rf.uniform_reference((7, 7))
+  assert uniform["mass_within"][rf.WINDOW] == pytest.approx(0.1504, abs=1e-4)
+  assert uniform["r90"] == pytest.approx(5.72, abs=1e-3)
+  # The figure against the training-set size (two sizes, two models).
+  entry = {"grid": [7, 7], "network_mean": means}
+  results = {
+    "sizes": {
+      "1000": {"train_examples": 1000, "models": {"a": entry, "b": entry}},
+      "all": {"train_examples": 55000, "models": {"a": entry}},
+    },
+    "uniform_reference": uniform,
+  }
+  rf.plot_sizes(results, tmp_path / "sizes.png")
+  assert (tmp_path / "sizes.png").stat().st_size > 1000
+
+
 def test_study_workdirs_lists_finished_seeds_in_order(tmp_path):
   import json
 
