@@ -367,6 +367,25 @@ def analyse(
 RADII = (0.0, 1.0, float(np.sqrt(2.0)), 2.0, float(np.sqrt(8.0)), 3.0, 4.0, 6.0)
 
 
+def _save_with_legend(fig, ax, path: str | os.PathLike) -> None:
+  """Saves ``fig`` with ``ax``'s legend below the axes (dashed lines: the initialisation)."""
+  import matplotlib.pyplot as plt
+
+  handles, labels = ax.get_legend_handles_labels()
+  fig.legend(
+    handles,
+    labels,
+    loc="lower center",
+    ncol=4,
+    fontsize=7,
+    title="dashed: at initialisation",
+    title_fontsize=7,
+  )
+  fig.tight_layout(rect=(0, 0.16, 1, 1))
+  fig.savefig(path, dpi=130)
+  plt.close(fig)
+
+
 def plot(results: dict[str, Any], path: str | os.PathLike) -> None:
   """Left: r90 against depth per model (mean over seeds, bars: std; dashed: at initialisation),
   beside the 3x3 convolution's field. Right: the mass within r = sqrt(2) (the 3x3 window)."""
@@ -406,19 +425,7 @@ def plot(results: dict[str, Any], path: str | os.PathLike) -> None:
   for ax in axes:
     ax.set_xticks(xs)
     ax.grid(alpha=0.3)
-  handles, labels = axes[0].get_legend_handles_labels()
-  fig.legend(
-    handles,
-    labels,
-    loc="lower center",
-    ncol=4,
-    fontsize=7,
-    title="dashed: at initialisation",
-    title_fontsize=7,
-  )
-  fig.tight_layout(rect=(0, 0.16, 1, 1))
-  fig.savefig(path, dpi=130)
-  plt.close(fig)
+  _save_with_legend(fig, axes[0], path)
 
 
 def _define_flags() -> None:
@@ -521,19 +528,7 @@ def plot_sizes(results: dict[str, Any], path: str | os.PathLike) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("training images")
     ax.grid(alpha=0.3)
-  handles, labels = axes[0].get_legend_handles_labels()
-  fig.legend(
-    handles,
-    labels,
-    loc="lower center",
-    ncol=4,
-    fontsize=7,
-    title="dashed: at initialisation",
-    title_fontsize=7,
-  )
-  fig.tight_layout(rect=(0, 0.16, 1, 1))
-  fig.savefig(path, dpi=130)
-  plt.close(fig)
+  _save_with_legend(fig, axes[0], path)
 
 
 def main(argv: list[str]) -> None:

@@ -63,22 +63,26 @@ def test_uniform_attention_masses_are_area_fractions():
   )
 
 
-def test_trained_workdir(tmp_path, monkeypatch):
-  """From a trainer workdir: one map per layer, the token grid, and the plot."""
+def _one_step_run(tmp_path, monkeypatch, model: dict, **fields):
+  """Trains ``model`` one step (batch 8) on 40 synthetic images into ``tmp_path``; returns the
+  config and the dataset (which the workdir's readers also load)."""
   monkeypatch.setattr(train_lib, "load_dataset_from_config", lambda config: _synthetic(40))
   config = common.base_config()
-  config.model = {
-    "name": "attention_net",
-    "num_layers": 2,
-    "num_heads": 4,
-    "hidden_size": 8,
-    "mlp_dim": 8,
-    "downsample": 4,
-    "encoding": "learned_content",
-  }
+  config.model = model
   config.num_train_steps, config.eval_every_steps, config.checkpoint_every_steps = 1, 1, 1
   config.batch_size, config.progress_bar, config.plot = 8, False, False
-  train_lib.train_and_evaluate(config, tmp_path, dataset=_synthetic(40))
+  for key, value in fields.items():
+    config[key] = value
+  dataset = _synthetic(40)
+  train_lib.train_and_evaluate(config, tmp_path, dataset=dataset)
+  return config, dataset
+
+
+def test_trained_workdir(tmp_path, monkeypatch):
+  """From a trainer workdir: one map per layer, the token grid, and the plot."""
+  model = {"name": "attention_net", "num_layers": 2, "num_heads": 4, "hidden_size": 8}
+  model.update({"mlp_dim": 8, "downsample": 4, "encoding": "learned_content"})
+  _one_step_run(tmp_path, monkeypatch, model)
   probs, grid = rf.layer_probabilities(tmp_path, num_images=5)
   assert grid == (7, 7) and len(probs) == 2
   assert probs[0].shape == (5, 4, 49, 49)  # content: one map per image
@@ -115,20 +119,8 @@ def test_trained_workdir(tmp_path, monkeypatch):
 def test_vit_workdir_uses_the_patch_grid(tmp_path, monkeypatch):
   """The ViT backbone's tokens are its patches: a 28x28 image in 4x4 patches is a 7x7 grid, for
   its GPSA and its content layers alike."""
-  monkeypatch.setattr(train_lib, "load_dataset_from_config", lambda config: _synthetic(40))
-  config = common.base_config()
-  config.model = {
-    "name": "vit",
-    "num_layers": 2,
-    "num_heads": 4,
-    "hidden_size": 8,
-    "mlp_dim": 8,
-    "patch_size": 4,
-    "gpsa_layers": 1,
-  }
-  config.num_train_steps, config.eval_every_steps, config.checkpoint_every_steps = 1, 1, 1
-  config.batch_size, config.progress_bar, config.plot = 8, False, False
-  train_lib.train_and_evaluate(config, tmp_path, dataset=_synthetic(40))
+  model = {"name": "vit", "num_layers": 2, "num_heads": 4, "hidden_size": 8, "mlp_dim": 8}
+  _one_step_run(tmp_path, monkeypatch, {**model, "patch_size": 4, "gpsa_layers": 1})
   probs, grid = rf.layer_probabilities(tmp_path, num_images=3)
   assert grid == (7, 7) and len(probs) == 2
   assert all(p.shape[-2:] == (49, 49) for p in probs)
@@ -143,22 +135,11 @@ def test_initial_variables_are_the_trainers(tmp_path, monkeypatch):
 
   from experiments import conversion
 
-  monkeypatch.setattr(train_lib, "load_dataset_from_config", lambda config: _synthetic(40))
-  config = common.base_config()
-  config.model = {
-    "name": "attention_net",
-    "num_layers": 1,
-    "num_heads": 2,
-    "hidden_size": 8,
-    "mlp_dim": 8,
-    "downsample": 4,
-    "encoding": "learned_content",
-  }
-  config.seed, config.learning_rate, config.weight_decay = 3, 0.0, 0.0
-  config.num_train_steps, config.eval_every_steps, config.checkpoint_every_steps = 1, 1, 1
-  config.batch_size, config.progress_bar, config.plot = 8, False, False
-  dataset = _synthetic(40)
-  train_lib.train_and_evaluate(config, tmp_path, dataset=dataset)
+  model = {"name": "attention_net", "num_layers": 1, "num_heads": 2, "hidden_size": 8}
+  model.update({"mlp_dim": 8, "downsample": 4, "encoding": "learned_content"})
+  config, dataset = _one_step_run(
+    tmp_path, monkeypatch, model, seed=3, learning_rate=0.0, weight_decay=0.0
+  )
   model = train_lib._build_model(config, dataset.num_classes)
   init = rf.initial_variables(config, model, dataset.image_shape)
   best = conversion.load_best(tmp_path)
