@@ -79,6 +79,17 @@ def test_convergence_config():
     assert run.dataset.crop_padding == 2 and run.dataset.flip is True  # the same augmentation
   cnn = grid_config.run_config(config, "cnn", 1000, 2)
   assert cnn.model.name == "small_cnn" and cnn.conv_init_alpha == 0.0 and not cnn.mimetic_init
+  # The CNN is parameter-matched: within the attention models' range (132,742-175,098); the
+  # fixed-compute grid keeps its smaller global-average-pooled CNN.
+  fixed = grid_config.run_config(grid_config.get_config("fixed_compute"), "cnn", 1000, 0)
+  counts = {}
+  for name, run in (("cnn", cnn), ("fixed", fixed)):
+    kwargs = run.model.to_dict()
+    module = build_model(kwargs.pop("name"), num_classes=10, **kwargs)
+    shapes = jax.eval_shape(lambda m=module: m.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1))))
+    counts[name] = count_params(shapes["params"])
+  assert counts == {"cnn": 155_626, "fixed": 56_554}
+  assert cnn.model.pool == "flatten" and fixed.model.pool == "avg"
   assert cnn.dataset.train_size == 1000 and cnn.dataset.seed == 2 and cnn.seed == 2
   assert "scaling" not in cnn and "scaling" in config  # the grid config is not modified
   with pytest.raises(ValueError, match="model"):
@@ -121,7 +132,7 @@ def test_large_config():
       lambda m=module: m.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
     )
     counts[model] = count_params(variables["params"])
-  assert counts["cnn"] == 223_690
+  assert counts["cnn"] == 495_562
   assert counts["vit"] == counts["vit_mimetic"] == 1_016_074 and counts["gpsa"] == 1_016_254
   assert counts["attention_quadratic"] == counts["attention_conv_init"] == 765_676
   assert counts["attention_learned_content"] == 1_017_322
