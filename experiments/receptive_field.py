@@ -227,16 +227,18 @@ def attention_distance_entries(
 def summarise_run(
   workdir: str | os.PathLike, num_images: int = 200, radii: Sequence[float] | None = None
 ) -> dict[str, Any]:
-  """A workdir's JSON entry: its grid, the per-layer receptive-field summary (:func:`analyse`)
-  of the trained network, and the per-head attention distance of every layer at initialisation
-  (same seed as the run) and after training."""
+  """A workdir's JSON entry: its grid, its number of training examples (``train_examples``,
+  None without a summary), the per-layer receptive-field summary (:func:`analyse`) of the
+  trained network and of its initialisation (``init_layers``), and the per-head attention
+  distance of every layer at initialisation (same seed as the run) and after training."""
   from experiments import conversion
+  from experiments import train as train_lib
 
   config, dataset, model, images, grid = _load_run(workdir, num_images)
   final = _sown_probabilities(model, conversion.load_best(workdir), images)
   init = _sown_probabilities(model, initial_variables(config, model, dataset.image_shape), images)
   radii = RADII if radii is None else radii
-  summary_path = pathlib.Path(workdir) / "summary.json"
+  summary_path = pathlib.Path(workdir) / train_lib.SUMMARY_FILE
   summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
   return {
     "workdir": str(workdir),
