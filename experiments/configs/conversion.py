@@ -89,7 +89,11 @@ minutes), 40 hybrid epochs (22,000 steps, about 31 CPU minutes), one evaluation 
 per epoch (about 1.5 minutes) and the corruption suite (19 test sets of 10,000 images for 5
 networks, about 1.5 minutes): about 38 CPU minutes, 1.9 CPU hours for 3 seeds as measured; on an
 idle machine expect about 1-1.3 CPU hours, 1-1.5 hours wall (the trainer's 2 threads are not
-fully used by these small networks). Command (resumable)::
+fully used by these small networks). Measured: 1.7 CPU hours, 1.8 hours wall for the 15 runs
+(sharing the 2 cores with one single-threaded training run). Result (``docs/experiments.md``,
+"T-CNN"): ``tcnn`` = ``cnn_finetune`` on every metric; ``tcnn_open_gate``: clean +0.07 points
+[-0.26, +0.41], mean corrupted -0.31 [-0.37, -0.26]; ``hybrid_scratch``: clean +0.26
+[-0.32, +0.83], translations by 4 pixels +4.71 [+3.97, +5.45]. Command (resumable)::
 
   python -m experiments.conversion --config=experiments/configs/conversion.py:finetune \
     --workdir=runs/conversion_finetune
