@@ -506,10 +506,10 @@ def _run_record(summary: dict) -> dict[str, Any]:
 def format_finetune(results: dict[str, Any]) -> str:
   """The T-CNN study's summary and paired differences as text."""
 
+  from experiments.data_scaling import interval_text
+
   def cell(v: dict, fmt: str) -> str:
-    if v["low"] is None:
-      return f"{100 * v['mean']:{fmt}}"
-    return f"{100 * v['mean']:{fmt}} [{100 * v['low']:{fmt}}, {100 * v['high']:{fmt}}]"
+    return interval_text(v, 100.0, fmt)
 
   lines = ["test accuracy (%), mean [95% t interval] over seeds"]
   for arm, metrics in results["summary"].items():
@@ -536,10 +536,10 @@ def format_finetune_markdown(results: dict[str, Any]) -> str:
   def pct(v: dict[str, Any]) -> str:
     return f"{100 * v['mean']:.2f}" + ("" if v["std"] is None else f" ± {100 * v['std']:.2f}")
 
+  from experiments.data_scaling import interval_text
+
   def points(v: dict[str, Any]) -> str:
-    if v["low"] is None:
-      return f"{100 * v['mean']:+.2f}"
-    return f"{100 * v['mean']:+.2f} [{100 * v['low']:+.2f}, {100 * v['high']:+.2f}]"
+    return interval_text(v, 100.0, "+.2f")
 
   seeds = len(next(iter(results["runs"].values()), {}))
   lines = [

@@ -435,15 +435,18 @@ def analyze(
   }
 
 
+def interval_text(v: Mapping[str, Any], scale: float = 1.0, fmt: str = ".4f") -> str:
+  """``"mean [low, high]"`` of a :func:`t_interval` dict scaled by ``scale`` (``"mean"`` alone
+  when it has no interval: one value)."""
+  m = v["mean"] * scale
+  if v["low"] is None:
+    return f"{m:{fmt}}"
+  return f"{m:{fmt}} [{v['low'] * scale:{fmt}}, {v['high'] * scale:{fmt}}]"
+
+
 def format_summary(summary: Mapping[str, Any]) -> str:
   """The analysis as text tables (the command line's output)."""
-
-  def cell(v: Mapping[str, Any], scale: float = 1.0, fmt: str = ".4f") -> str:
-    m = v["mean"] * scale
-    if v["low"] is None:
-      return f"{m:{fmt}}"
-    return f"{m:{fmt}} [{v['low'] * scale:{fmt}}, {v['high'] * scale:{fmt}}]"
-
+  cell = interval_text
   conf = int(round(100 * summary["confidence"]))
   lines = []
   tables = (("accuracy", "test accuracy"), ("init_accuracy", "test accuracy at initialisation"))
@@ -499,11 +502,6 @@ def format_markdown(records: Sequence[Mapping[str, Any]], summary: Mapping[str, 
   def row(model: str, cells: Mapping[int, str], extra: Sequence[str] = ()) -> str:
     return f"| `{model}` | " + " | ".join([*extra, *(cells.get(n, "") for n in sizes)]) + " |"
 
-  def interval(v: Mapping[str, Any], scale: float) -> str:
-    if v["low"] is None:
-      return f"{v['mean'] * scale:+.2f}"
-    return f"{v['mean'] * scale:+.2f} [{v['low'] * scale:+.2f}, {v['high'] * scale:+.2f}]"
-
   params = {r["model"]: r.get("params") for r in records}
   lines = [
     "Test accuracy, mean ± std over seeds (seeds), by training-set size; at initialisation: "
@@ -523,24 +521,27 @@ def format_markdown(records: Sequence[Mapping[str, Any]], summary: Mapping[str, 
     }
     count = params.get(model)
     lines.append(row(model, cells, ["" if count is None else f"{count:,}", init_cell]))
-  train: dict[str, dict[int, list[float]]] = {}
-  for r in records:
-    if r.get("final_train_accuracy") is not None:
-      train.setdefault(r["model"], {}).setdefault(int(r["train_size"]), []).append(
-        float(r["final_train_accuracy"])
-      )
+  train = _by_point(
+    [
+      {**r, "test_accuracy": r["final_train_accuracy"]}
+      for r in records
+      if r.get("final_train_accuracy") is not None
+    ]
+  )
   if train:
     lines += ["", "Final training accuracy (last logged, augmented batches), mean over seeds."]
     lines += ["", header, rule]
   for model, by_size in train.items():
-    lines.append(row(model, {n: f"{np.mean(v):.3f}" for n, v in by_size.items()}))
+    lines.append(row(model, {n: f"{np.mean(list(v.values())):.3f}" for n, v in by_size.items()}))
   for key, title, scale in (
     ("gap_to_reference", f"Gap to `{summary['reference']}`, accuracy points", 100.0),
     ("gain_over_baseline", f"Relative gain over `{summary['baseline']}`, %", 100.0),
   ):
     lines += ["", f"{title}, mean [{conf} % interval, paired over seeds].", "", header, rule]
     for model, by_size in summary[key].items():
-      lines.append(row(model, {int(n): interval(v, scale) for n, v in by_size.items()}))
+      lines.append(
+        row(model, {int(n): interval_text(v, scale, "+.2f") for n, v in by_size.items()})
+      )
   if summary.get("trends"):
     lines += [
       "",
@@ -551,7 +552,11 @@ def format_markdown(records: Sequence[Mapping[str, Any]], summary: Mapping[str, 
       "|---|---|---|---|---|",
     ]
     for model, t in summary["trends"].items():
-      slope = "n/a" if t["slope_per_decade"] is None else interval(t["slope_per_decade"], 100.0)
+      slope = (
+        "n/a"
+        if t["slope_per_decade"] is None
+        else interval_text(t["slope_per_decade"], 100.0, "+.2f")
+      )
       cross = "none" if t["crossover_size"] is None else f"{t['crossover_size']:,.0f} images"
       lines.append(
         f"| `{model}` | {100 * t['gap_at_smallest']:+.2f} → {100 * t['gap_at_largest']:+.2f} | "
