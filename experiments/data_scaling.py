@@ -20,7 +20,7 @@ At the end the records are gathered and analysed (:func:`analyze`) into ``--out`
                 "val_accuracy", "steps", "epochs", "final_train_accuracy", "params",
                 "train_seconds", "cpu_seconds", "device", "dataset"}, ...],
    "summary": {"accuracy", "init_accuracy", "gap_to_reference", "gain_over_baseline",
-               "trends", ...},
+               "trends", ..., and with --base "budget_effect"},
    "compute": {model or "total": {"runs", "train_hours", "cpu_hours"}}}
 
 ``init_test_accuracy`` is the test accuracy of the run's initialisation (the trainer's, from its
@@ -30,6 +30,11 @@ at-initialisation value beside the trained one (``--noinit_accuracy``: None). (:
 also reads a plain list of records) and plotted into ``--plot``
 (default ``experiments/results/data_scaling.png``): mean test accuracy with 95% intervals, and
 each model's paired gap to the CNN, against the training-set size (log scale).
+
+``--base=<results JSON>`` names the results of the same points with a shorter budget (the
+``data_scaling.py:budget`` variant against the convergence grid): the summary then has
+``budget_effect`` (:func:`budget_effect`), the seed-paired change of test accuracy that the
+longer budget buys, and whether the shorter runs were compute-limited.
 """
 
 from __future__ import annotations
@@ -435,6 +440,66 @@ def analyze(
   }
 
 
+def budget_effect(
+  records: Sequence[dict], base_records: Sequence[dict], confidence: float = CONFIDENCE
+) -> dict[str, dict[str, Any]]:
+  """Is a point limited by its budget? The seed-paired change of test accuracy from the runs of
+  ``base_records`` to the longer runs of ``records`` (the same model, size and seed).
+
+  Verdict: ``"compute-limited"`` when the change's t interval lies above 0 (the longer budget
+  helps), ``"not compute-limited"`` when it contains 0 or lies below, ``"undetermined"`` with
+  fewer than 2 paired seeds.
+
+  Returns:
+    ``model -> size (str) -> {"change": t_interval of acc - acc_base, "steps": [base, longer]
+    (means over the paired seeds), "final_train_accuracy": [base, longer] (means; None if a
+    record lacks it), "verdict"}``; points without a paired base run are left out.
+
+  Raises:
+    ValueError: if a paired base run is not shorter than its longer run.
+  """
+  import numpy as np
+
+  def key(r: Mapping[str, Any]) -> tuple[str, int, int]:
+    return r["model"], int(r["train_size"]), int(r["seed"])
+
+  base = {key(r): r for r in base_records}
+  pairs: dict[str, dict[int, list[tuple[dict, dict]]]] = {}
+  for r in records:
+    if key(r) in base:
+      b = base[key(r)]
+      if int(b["steps"]) >= int(r["steps"]):
+        raise ValueError(
+          f"base_records: expected runs shorter than {r['steps']} steps for {key(r)}, got "
+          f"{b['steps']}"
+        )
+      pairs.setdefault(r["model"], {}).setdefault(int(r["train_size"]), []).append((b, r))
+
+  def mean_of(rows: Sequence[Mapping[str, Any]], field: str) -> float | None:
+    values = [row.get(field) for row in rows]
+    return None if None in values else float(np.mean(values))
+
+  out: dict[str, dict[str, Any]] = {}
+  for model, by_size in pairs.items():
+    out[model] = {}
+    for size, rows in sorted(by_size.items()):
+      change = t_interval([r["test_accuracy"] - b["test_accuracy"] for b, r in rows], confidence)
+      verdict = "undetermined"
+      if change["low"] is not None:
+        verdict = "compute-limited" if change["low"] > 0 else "not compute-limited"
+      bases, longers = [b for b, _ in rows], [r for _, r in rows]
+      out[model][str(size)] = {
+        "change": change,
+        "steps": [mean_of(bases, "steps"), mean_of(longers, "steps")],
+        "final_train_accuracy": [
+          mean_of(bases, "final_train_accuracy"),
+          mean_of(longers, "final_train_accuracy"),
+        ],
+        "verdict": verdict,
+      }
+  return out
+
+
 def interval_text(v: Mapping[str, Any], scale: float = 1.0, fmt: str = ".4f") -> str:
   """``"mean [low, high]"`` of a :func:`t_interval` dict scaled by ``scale`` (``"mean"`` alone
   when it has no interval: one value)."""
@@ -467,6 +532,15 @@ def format_summary(summary: Mapping[str, Any]) -> str:
   for model, sizes in summary["gain_over_baseline"].items():
     row = "  ".join(f"{n}: {cell(v, 100, '+.2f')}" for n, v in sizes.items())
     lines.append(f"  {model:26s} {row}")
+  if summary.get("budget_effect"):
+    lines.append(f"change of test accuracy with the longer budget (points), paired {conf}% CI")
+    for model, sizes in summary["budget_effect"].items():
+      row = "  ".join(
+        f"{n}: {cell(v['change'], 100, '+.2f')} ({v['steps'][0]:.0f} -> {v['steps'][1]:.0f} "
+        f"steps, {v['verdict']})"
+        for n, v in sizes.items()
+      )
+      lines.append(f"  {model:26s} {row}")
   lines.append(f"does the gap to {summary['reference']} shrink with data?")
   for model, t in summary["trends"].items():
     s = t["slope_per_decade"]
@@ -542,6 +616,22 @@ def format_markdown(records: Sequence[Mapping[str, Any]], summary: Mapping[str, 
       lines.append(
         row(model, {int(n): interval_text(v, scale, "+.2f") for n, v in by_size.items()})
       )
+  if summary.get("budget_effect"):
+    lines += [
+      "",
+      f"Change of test accuracy with the longer budget, accuracy points, mean [{conf} % "
+      "interval, paired over seeds]; final training accuracy, mean over seeds.",
+      "",
+      "| model | training images | steps | final training accuracy | change | verdict |",
+      "|---|---|---|---|---|---|",
+    ]
+    for model, by_size in summary["budget_effect"].items():
+      for n, v in by_size.items():
+        train = " → ".join("" if a is None else f"{a:.3f}" for a in v["final_train_accuracy"])
+        lines.append(
+          f"| `{model}` | {_size_label(n)} | {v['steps'][0]:.0f} → {v['steps'][1]:.0f} | "
+          f"{train} | {interval_text(v['change'], 100.0, '+.2f')} | {v['verdict']} |"
+        )
   if summary.get("trends"):
     lines += [
       "",
@@ -634,6 +724,9 @@ def _define_flags() -> None:
   flags.DEFINE_string("markdown", "", "Also write the analysis as Markdown tables here.")
   flags.DEFINE_bool("aggregate_only", False, "Only gather finished runs into --out and --plot.")
   flags.DEFINE_bool("init_accuracy", True, "Evaluate each run's initialisation on the test set.")
+  flags.DEFINE_string(
+    "base", "", "Results of the same points with a shorter budget: adds budget_effect."
+  )
   config_flags.DEFINE_config_file("config", None, "experiments/configs/data_scaling.py[:arg]")
   flags.mark_flags_as_required(["config", "workdir"])
 
@@ -656,6 +749,8 @@ def main(argv: list[str]) -> None:
       run_grid(config, FLAGS.workdir, points)
   records = gather(config, FLAGS.workdir, points, init_accuracy=FLAGS.init_accuracy)
   summary = analyze(records)
+  if FLAGS.base:
+    summary["budget_effect"] = budget_effect(records, load_records(FLAGS.base))
   pathlib.Path(FLAGS.out).parent.mkdir(parents=True, exist_ok=True)
   pathlib.Path(FLAGS.out).write_text(
     json.dumps({"records": records, "summary": summary, "compute": compute(records)}, indent=1)

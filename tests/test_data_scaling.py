@@ -144,6 +144,30 @@ def test_large_config():
   assert smoke.scaling.train_sizes == (200, 400) and smoke.scaling.backbone_overrides
 
 
+def test_budget_config_doubles_the_convergence_budget_at_10000_images():
+  """The budget check: the convergence grid's runs at 10,000 images with twice the steps, and
+  nothing else changed (the same model, subset, seed and recipe)."""
+  config = grid_config.get_config("budget")
+  base = grid_config.get_config()
+  assert config.scaling.grid == "budget" and config.scaling.train_sizes == (10000,)
+  assert tuple(config.scaling.models) == ("cnn", "vit", "gpsa", "attention_conv_init")
+  assert set(config.scaling.models) <= set(base.scaling.models)
+  for model in config.scaling.models:
+    longer = grid_config.run_config(config, model, 10000, 2).to_dict()
+    shorter = grid_config.run_config(base, model, 10000, 2).to_dict()
+    assert (longer["num_train_steps"], shorter["num_train_steps"]) == (4000, 2000)
+    assert (longer["eval_every_steps"], shorter["eval_every_steps"]) == (400, 200)
+    budget = ("num_train_steps", "eval_every_steps", "checkpoint_every_steps")
+    assert {k: v for k, v in longer.items() if k not in budget} == {
+      k: v for k, v in shorter.items() if k not in budget
+    }
+  smoke, base_smoke = grid_config.get_config("budget,smoke"), grid_config.get_config("smoke")
+  assert smoke.scaling.train_sizes == (200,) and smoke.scaling.seeds == (0,)
+  for model in smoke.scaling.models:  # 2 steps in the convergence smoke grid at 200 images
+    assert grid_config.run_config(smoke, model, 200, 0).num_train_steps == 4
+    assert grid_config.run_config(base_smoke, model, 200, 0).num_train_steps == 2
+
+
 @pytest.mark.parametrize("arg", ["imagenet", "fixed_compute,imagenet", "cifar10,fashion_mnist"])
 def test_bad_config_argument(arg):
   with pytest.raises(ValueError, match="^arg: expected"):
@@ -420,6 +444,50 @@ def test_crossover_and_verdicts():
   assert flat["verdict"] == "no detectable trend"
   one_seed = trend({1000: [-0.01], 10000: [-0.02]})
   assert one_seed["verdict"] == "undetermined" and one_seed["slope_per_decade"]["low"] is None
+
+
+def test_budget_effect_pairs_seeds_and_labels_compute_limited_points():
+  def records(accs: dict[str, list[float]], steps: int, train: float | None) -> list[dict]:
+    return [
+      {
+        "model": m,
+        "train_size": 10000,
+        "seed": s,
+        "test_accuracy": a,
+        "steps": steps,
+        "final_train_accuracy": train,
+      }
+      for m, values in accs.items()
+      for s, a in enumerate(values)
+    ]
+
+  base = records({"vit": [0.80, 0.81, 0.82], "cnn": [0.89, 0.90, 0.91]}, 2000, 0.83)
+  # vit gains (0.03, 0.02, 0.04): interval above 0; cnn (0.01, -0.01, 0.00) contains 0; gpsa has
+  # no base run; the seed order of the records does not matter.
+  longer = records({"vit": [0.83, 0.83, 0.86], "cnn": [0.90, 0.89, 0.91], "gpsa": [0.9]}, 4000, 0.9)
+  effect = data_scaling.budget_effect(longer[::-1], base)
+  assert set(effect) == {"vit", "cnn"}
+  vit = effect["vit"]["10000"]
+  half = T975_2DOF * 0.01 / math.sqrt(3)
+  assert vit["change"]["mean"] == pytest.approx(0.03, abs=1e-12)
+  assert vit["change"]["low"] == pytest.approx(0.03 - half, abs=1e-12)
+  assert vit["verdict"] == "compute-limited" and vit["steps"] == [2000, 4000]
+  assert vit["final_train_accuracy"] == pytest.approx([0.83, 0.9])
+  cnn = effect["cnn"]["10000"]
+  assert cnn["change"]["mean"] == pytest.approx(0.0, abs=1e-12)
+  assert cnn["verdict"] == "not compute-limited"
+  one = data_scaling.budget_effect(longer[:1], base)["vit"]["10000"]
+  assert one["verdict"] == "undetermined" and one["change"]["n"] == 1
+  summary = {**data_scaling.analyze(longer), "budget_effect": effect}
+  text = data_scaling.format_summary(summary)
+  assert "vit                        10000: +3.00 [" in text and "compute-limited)" in text
+  lines = data_scaling.format_markdown(longer, summary).splitlines()
+  row = next(line for line in lines if line.startswith("| `vit` | 10,000 |"))
+  assert row.startswith("| `vit` | 10,000 | 2000 → 4000 | 0.830 → 0.900 | +3.00 [")
+  assert row.endswith("| compute-limited |")
+  json.dumps(summary, allow_nan=False)
+  with pytest.raises(ValueError, match="^base_records: expected runs shorter"):
+    data_scaling.budget_effect(base, longer)
 
 
 @st.composite
