@@ -398,7 +398,9 @@ def analyze(
     "init_accuracy": the same for ``init_test_accuracy`` (models whose records all have it),
     "gap_to_reference": {model: {size: t_interval of acc - acc_ref, paired by seed}},
     "gain_over_baseline": {model: {size: t_interval of (acc - acc_base) / acc_base, paired}},
-    "trends": gap_trends(...)}``; a comparison is left out when its reference model has no run.
+    "trends": gap_trends(...) of the gaps to ``reference``, "baseline_trends": the same for the
+    differences to ``baseline`` (does a prior's lead over ``vit`` fade with data?)}``; a
+    comparison is left out when its reference model has no run.
   """
 
   def per_size(table: dict[str, dict[int, dict[int, float]]]) -> dict[str, dict[str, Any]]:
@@ -437,6 +439,7 @@ def analyze(
     "gap_to_reference": compare(reference, False),
     "gain_over_baseline": compare(baseline, True),
     "trends": gap_trends(records, reference, confidence) if reference in table else {},
+    "baseline_trends": gap_trends(records, baseline, confidence) if baseline in table else {},
   }
 
 
@@ -541,15 +544,19 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         for n, v in sizes.items()
       )
       lines.append(f"  {model:26s} {row}")
-  lines.append(f"does the gap to {summary['reference']} shrink with data?")
-  for model, t in summary["trends"].items():
-    s = t["slope_per_decade"]
-    slope = "n/a" if s is None else cell(s, 100, "+.2f")
-    cross = "none" if t["crossover_size"] is None else f"{t['crossover_size']:.0f} images"
-    lines.append(
-      f"  {model:26s} {t['verdict']:20s} slope {slope} points/decade; gap "
-      f"{100 * t['gap_at_smallest']:+.2f} -> {100 * t['gap_at_largest']:+.2f}; crossover {cross}"
-    )
+  for key, ref in (("trends", "reference"), ("baseline_trends", "baseline")):
+    if not summary.get(key):
+      continue
+    lines.append(f"does the difference to {summary[ref]} shrink with data?")
+    for model, t in summary[key].items():
+      s = t["slope_per_decade"]
+      slope = "n/a" if s is None else cell(s, 100, "+.2f")
+      cross = "none" if t["crossover_size"] is None else f"{t['crossover_size']:.0f} images"
+      lines.append(
+        f"  {model:26s} {t['verdict']:20s} slope {slope} points/decade; difference "
+        f"{100 * t['gap_at_smallest']:+.2f} -> {100 * t['gap_at_largest']:+.2f}; crossover "
+        f"{cross}"
+      )
   return "\n".join(lines)
 
 
@@ -632,16 +639,18 @@ def format_markdown(records: Sequence[Mapping[str, Any]], summary: Mapping[str, 
           f"| `{model}` | {_size_label(n)} | {v['steps'][0]:.0f} → {v['steps'][1]:.0f} | "
           f"{train} | {interval_text(v['change'], 100.0, '+.2f')} | {v['verdict']} |"
         )
-  if summary.get("trends"):
+  for key, ref in (("trends", "reference"), ("baseline_trends", "baseline")):
+    if not summary.get(key):
+      continue
     lines += [
       "",
-      f"Trend of the gap to `{summary['reference']}` with data: slope in points per decade of "
-      f"training images, mean [{conf} % interval over seeds].",
+      f"Trend of the difference to `{summary[ref]}` with data (accuracy points): slope in "
+      f"points per decade of training images, mean [{conf} % interval over seeds].",
       "",
-      "| model | gap, smallest → largest size | slope | verdict | crossover |",
+      "| model | difference, smallest → largest size | slope | verdict | crossover |",
       "|---|---|---|---|---|",
     ]
-    for model, t in summary["trends"].items():
+    for model, t in summary[key].items():
       slope = (
         "n/a"
         if t["slope_per_decade"] is None

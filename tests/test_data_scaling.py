@@ -396,6 +396,12 @@ def test_paired_intervals_on_a_hand_made_example():
   # vit - cnn: -0.30 -> -0.45 on every seed (slopes -0.075, -0.07, -0.065): it grows.
   assert summary["trends"]["vit"]["verdict"] == "grows"
   assert summary["trends"]["vit"]["crossover_size"] is None
+  # gpsa - vit: (0.25, 0.36, 0.44), (0.27, 0.39, 0.47), (0.29, 0.42, 0.50) per seed: slopes
+  # 0.095, 0.100, 0.105 per decade, away from 0 -- the lead over vit grows, it does not fade.
+  lead = summary["baseline_trends"]["gpsa"]
+  assert lead["slope_per_decade"]["mean"] == pytest.approx(0.10, abs=1e-12)
+  assert lead["verdict"] == "grows" and lead["gap_at_smallest"] == pytest.approx(0.27)
+  assert "vit" not in summary["baseline_trends"] and "cnn" in summary["baseline_trends"]
   json.dumps(summary, allow_nan=False)
   text = data_scaling.format_summary(summary)
   assert "shrinks" in text and "gpsa" in text
@@ -422,6 +428,9 @@ def test_markdown_tables_quote_the_analysis():
   # The trend: slope +3 points per decade, shrinks, crossover a third of a decade above 10,000.
   trend = next(line for line in lines if line.startswith("| `gpsa` | -4.00 → +2.00"))
   assert "| +3.00 [" in trend and "| shrinks | 21,544 images |" in trend
+  assert "Trend of the difference to `vit` with data (accuracy points)" in text
+  lead = next(line for line in lines if line.startswith("| `gpsa` | +27.00 → +47.00"))
+  assert "| +10.00 [" in lead and "| grows | none |" in lead
   # Records without parameter counts or initial accuracies leave those cells empty.
   bare = data_scaling.format_markdown(_records(HAND), data_scaling.analyze(_records(HAND)))
   assert "| `cnn` |  |  | 0.810 ± 0.010 (3) |" in bare and "Final training" not in bare

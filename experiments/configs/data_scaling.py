@@ -41,6 +41,10 @@ intervals are paired over seeds, t distribution with n - 1 = 2 degrees of freedo
   size, where the mean gap changes sign.
 * "Prior P helps a ViT at size n": P's paired relative gain over ``vit``,
   ``(acc_P - acc_vit) / acc_vit`` (ConViT's table form), has an interval above 0.
+* "P's lead over ``vit`` fades with data" (ConViT's finding on ImageNet: ConViT-S over DeiT-S
+  +37% at 5% of the images, +1.9% with all): for a prior ahead of ``vit`` at the smallest size,
+  the per-seed slope of ``acc_P - acc_vit`` against log10(size) has an interval below 0
+  (``baseline_trends``, verdict "shrinks").
 * Expected if the convolutional priors work as claimed for small data: ``cnn`` > ``vit`` by
   several points at 1000 images; ``gpsa`` and ``attention_conv_init`` recover most of that gap
   (gain over ``vit`` > 0 at 1000-3000 images); every gap shrinks towards 0 at 55,000 images
