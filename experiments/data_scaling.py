@@ -28,8 +28,9 @@ seed; ``experiments.evaluate --which=init``, cached in the run's ``evaluation_in
 evaluation per model and seed, the initialisation being the same at every size), the
 at-initialisation value beside the trained one (``--noinit_accuracy``: None). (:func:`load_records`
 also reads a plain list of records) and plotted into ``--plot``
-(default ``experiments/results/data_scaling.png``): mean test accuracy with 95% intervals, and
-each model's paired gap to the CNN, against the training-set size (log scale).
+(default ``experiments/results/data_scaling.png``): mean test accuracy with 95% intervals,
+each model's paired gap to the CNN and its paired relative gain over the ViT, against the
+training-set size (log scale).
 
 ``--base=<results JSON>`` names the results of the same points with a shorter budget (the
 ``data_scaling.py:budget`` variant against the convergence grid): the summary then has
@@ -665,29 +666,32 @@ def format_markdown(records: Sequence[Mapping[str, Any]], summary: Mapping[str, 
 
 
 def plot(records: Sequence[dict], path: str | os.PathLike) -> None:
-  """Test accuracy (mean, 95% t interval over seeds) and the paired gap to the CNN (mean, 95%
-  interval) against the training-set size (log scale), one line per model."""
+  """Test accuracy (mean, 95% t interval over seeds), the paired gap to the CNN in accuracy
+  points and the paired relative gain over the ViT in % (mean, 95% interval) against the
+  training-set size (log scale), one line per model."""
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
   summary = analyze(records)
-  panels = [("accuracy", "test accuracy (model selected on validation)")]
+  panels = [("accuracy", "test accuracy (model selected on validation)", 1.0)]
   if summary["gap_to_reference"]:
-    panels.append(("gap_to_reference", f"test accuracy - {REFERENCE} (paired by seed)"))
-  fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.4), squeeze=False)
+    panels.append(("gap_to_reference", f"test accuracy - {REFERENCE}, points (paired)", 100.0))
+  if summary["gain_over_baseline"]:
+    panels.append(("gain_over_baseline", f"relative gain over {BASELINE}, % (paired)", 100.0))
+  fig, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels), 4.4), squeeze=False)
   colors = {m: f"C{i}" for i, m in enumerate(summary["accuracy"])}
-  for ax, (key, label) in zip(axes[0], panels):
+  for ax, (key, label, scale) in zip(axes[0], panels):
     for model, sizes in summary[key].items():
       n = [int(k) for k in sizes]
-      mean = [v["mean"] for v in sizes.values()]
+      mean = [scale * v["mean"] for v in sizes.values()]
       ax.plot(n, mean, marker="o", ms=3, color=colors[model], label=model)
       if all(v["low"] is not None for v in sizes.values()):
-        low = [v["low"] for v in sizes.values()]
-        high = [v["high"] for v in sizes.values()]
+        low = [scale * v["low"] for v in sizes.values()]
+        high = [scale * v["high"] for v in sizes.values()]
         ax.fill_between(n, low, high, color=colors[model], alpha=0.15, linewidth=0)
-    if key == "gap_to_reference":
+    if key != "accuracy":
       ax.axhline(0.0, color="k", lw=0.8)
     ax.set_xscale("log")
     ax.set_xlabel("training images")
