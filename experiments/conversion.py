@@ -359,7 +359,6 @@ def run_finetune(config, workdir: str | os.PathLike, *, dataset=None) -> dict[st
   from experiments import corruptions
   from experiments import train as train_lib
   from experiments.data_scaling import t_interval
-  from experiments.receptive_field import initial_variables
 
   c = config.conversion
   arms = tuple(c.arms)
@@ -383,7 +382,7 @@ def run_finetune(config, workdir: str | os.PathLike, *, dataset=None) -> dict[st
     """The step-0 variables (``init``, or the trainer's initialisation from the seed); their
     test accuracy goes into ``record["start_test_accuracy"]``."""
     if init is None:
-      init = initial_variables(run_config, models[arm], dataset.image_shape)
+      init = train_lib.initial_variables(run_config, models[arm], dataset.image_shape)
     record["start_test_accuracy"] = accuracy[arm](init, images, labels)
     return init
 

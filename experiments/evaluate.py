@@ -54,7 +54,7 @@ def evaluate_workdir(
     workdir: run directory (holds ``config.json`` and ``checkpoints/`` or ``best/``).
     which: ``"latest"`` (training checkpoint), ``"best"`` (best validation accuracy) or
       ``"init"`` (the trainer's initialisation from the run's seed, step 0:
-      :func:`experiments.receptive_field.initial_variables`).
+      :func:`experiments.train.initial_variables`).
     plot: re-draw ``<workdir>/plots`` (ignored for ``"init"``).
     dataset: optional pre-loaded :class:`experiments.input_pipeline.Dataset` (default: from the
       config).
@@ -82,9 +82,7 @@ def evaluate_workdir(
     dataset = train_lib.load_dataset_from_config(config)
   model = train_lib._build_model(config, dataset.num_classes)
   if which == "init":
-    from experiments.receptive_field import initial_variables
-
-    step, variables = 0, initial_variables(config, model, dataset.image_shape)
+    step, variables = 0, train_lib.initial_variables(config, model, dataset.image_shape)
   else:
     step, variables = restore_variables(workdir, which=which)
   params, batch_stats = variables["params"], variables.get("batch_stats", {})

@@ -241,10 +241,11 @@ def checkpoint_trajectories(workdir: str | os.PathLike, num_images: int = 100) -
   import orbax.checkpoint as ocp
 
   from experiments import receptive_field as rf
+  from experiments import train as train_lib
 
   workdir = pathlib.Path(workdir)
   config, dataset, model, images, grid = rf._load_run(workdir, num_images)
-  snapshots = [(0, rf.initial_variables(config, model, dataset.image_shape))]
+  snapshots = [(0, train_lib.initial_variables(config, model, dataset.image_shape))]
   with ocp.CheckpointManager((workdir / "checkpoints").absolute()) as manager:
     for step in sorted(manager.all_steps()):
       restored = manager.restore(step, args=ocp.args.StandardRestore())

@@ -139,46 +139,16 @@ def _sown_probabilities(model, variables, images) -> list[np.ndarray]:
   return [p for _, p in probs]
 
 
-def initial_variables(config, model, image_shape: Sequence[int]) -> dict:
-  """The trainer's initial ``{'params', 'batch_stats'}`` for ``config``: the same keys (from
-  ``config.seed``), the same jitted initialisation and, with ``conv_init_alpha > 0`` or
-  ``mimetic_init``, the same rewrite of the attention layers. Runs started from given
-  ``init_variables`` (fine-tuning a converted network) are not reproduced: their initial
-  parameters are not in the workdir."""
-  import jax
-  import jax.numpy as jnp
-
-  from attnconv.models.conv_init import init_attention_as_convolution
-  from attnconv.models.mimetic import mimetic_init
-
-  init_key, _ = jax.random.split(jax.random.key(int(config.seed)))
-  sample = jnp.zeros((1, *image_shape), jnp.float32)
-  alpha = float(config.get("conv_init_alpha", 0.0))
-
-  def init_fn(key):
-    params_key, dropout_key = jax.random.split(key)
-    variables = model.init({"params": params_key, "dropout": dropout_key}, sample, train=False)
-    params = variables["params"]
-    if alpha > 0:
-      params = init_attention_as_convolution(params, jax.random.fold_in(params_key, 1), alpha=alpha)
-    return {"params": params, "batch_stats": variables.get("batch_stats", {})}
-
-  variables = jax.jit(init_fn)(init_key)
-  if config.get("mimetic_init", False):
-    variables["params"] = mimetic_init(
-      jax.device_get(variables["params"]), jax.random.fold_in(init_key, 2)
-    )
-  return variables
-
-
 def layer_probabilities(
   workdir: str | os.PathLike, num_images: int = 200, *, which: str = "best"
 ) -> tuple[list, tuple]:
   """Per layer, the sown attention probabilities of a trained network and its token grid.
 
-  ``which``: ``'best'`` (the best-validation checkpoint) or ``'init'`` (:func:`initial_variables`).
+  ``which``: ``'best'`` (the best-validation checkpoint) or ``'init'``
+  (:func:`experiments.train.initial_variables`).
   """
   from experiments import conversion
+  from experiments import train as train_lib
 
   if which not in ("best", "init"):
     raise ValueError(f"which: expected 'best' or 'init', got {which!r}")
@@ -186,7 +156,7 @@ def layer_probabilities(
   if which == "best":
     variables = conversion.load_best(workdir)
   else:
-    variables = initial_variables(config, model, dataset.image_shape)
+    variables = train_lib.initial_variables(config, model, dataset.image_shape)
   return _sown_probabilities(model, variables, images), grid
 
 
@@ -236,7 +206,9 @@ def summarise_run(
 
   config, dataset, model, images, grid = _load_run(workdir, num_images)
   final = _sown_probabilities(model, conversion.load_best(workdir), images)
-  init = _sown_probabilities(model, initial_variables(config, model, dataset.image_shape), images)
+  init = _sown_probabilities(
+    model, train_lib.initial_variables(config, model, dataset.image_shape), images
+  )
   radii = RADII if radii is None else radii
   summary_path = pathlib.Path(workdir) / train_lib.SUMMARY_FILE
   summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}

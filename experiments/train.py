@@ -304,6 +304,58 @@ def _build_model(config: ml_collections.ConfigDict, num_classes: int):
 # Steps.
 
 
+def _keys(config: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array]:
+  """``(init_key, train_key)`` of a run, from ``config.seed``."""
+  init_key, train_key = jax.random.split(jax.random.key(int(config.seed)))
+  return init_key, train_key
+
+
+def _initialise(
+  config: ml_collections.ConfigDict,
+  model,
+  image_shape: tuple[int, ...],
+  given_variables: Any = None,
+) -> dict[str, Any]:
+  """The jittable part of a run's initialisation: ``model.init`` from the seed's keys, the
+  collections of ``given_variables`` put in place of the fresh ones, then, with
+  ``conv_init_alpha > 0``, every quadratic attention layer started as a K x K convolution.
+
+  Returns:
+    ``{"params", "batch_stats"}`` (``batch_stats`` ``{}`` for models without BatchNorm).
+  """
+  alpha = float(config.get("conv_init_alpha", 0.0))
+  if alpha < 0:
+    raise ValueError(f"config.conv_init_alpha: expected 0 (off) or > 0, got {alpha}")
+  params_key, dropout_key = jax.random.split(_keys(config)[0])
+  sample = jnp.zeros((1, *image_shape), jnp.float32)
+  variables = model.init({"params": params_key, "dropout": dropout_key}, sample, train=False)
+  if given_variables is not None:
+    variables = {**variables, **given_variables}
+  params = variables["params"]
+  if alpha > 0:
+    params = init_attention_as_convolution(params, jax.random.fold_in(params_key, 1), alpha=alpha)
+  return {"params": params, "batch_stats": variables.get("batch_stats", {})}
+
+
+def _mimetic(config: ml_collections.ConfigDict, params: Any) -> Any:
+  """With ``config.mimetic_init``, ``params`` (on the host) rewritten by Trockman & Kolter's
+  mimetic initialisation (SVDs of the kernels, in numpy); else ``params`` unchanged."""
+  if not config.get("mimetic_init", False):
+    return params
+  return _to_host(mimetic_init(params, jax.random.fold_in(_keys(config)[0], 2)))
+
+
+def initial_variables(
+  config: ml_collections.ConfigDict, model, image_shape: tuple[int, ...]
+) -> dict[str, Any]:
+  """A run's initial ``{"params", "batch_stats"}``, as :func:`train_and_evaluate` starts it
+  from ``config.seed`` (``conv_init_alpha``, ``mimetic_init``): the at-initialisation network
+  of a finished run. Runs started from given ``init_variables`` (fine-tuning a converted
+  network) are not reproduced: their initial parameters are not in the workdir."""
+  variables = _to_host(jax.jit(lambda: _initialise(config, model, tuple(image_shape)))())
+  return {**variables, "params": _mimetic(config, variables["params"])}
+
+
 def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
 
@@ -626,32 +678,19 @@ def train_and_evaluate(
 
   # --- Initial state (jitted init, replicated). ----------------------------------------------
   seed = int(config.seed)
-  init_key = jax.random.split(jax.random.key(seed))[0]
+  init_key, _ = _keys(config)
   sample = jnp.zeros((1, *dataset.image_shape), jnp.float32)
-
-  conv_init_alpha = float(config.get("conv_init_alpha", 0.0))
-  if conv_init_alpha < 0:
-    raise ValueError(f"config.conv_init_alpha: expected 0 (off) or > 0, got {conv_init_alpha}")
 
   def init_fn(given_variables):
     # Keys drawn inside: the init is one replicated computation on every process.
-    init_key, train_key = jax.random.split(jax.random.key(seed))
-    params_key, dropout_key = jax.random.split(init_key)
-    variables = model.init({"params": params_key, "dropout": dropout_key}, sample, train=False)
-    if given_variables is not None:
-      variables = {**variables, **given_variables}
-    params = variables["params"]
-    if conv_init_alpha > 0:  # Start every quadratic attention layer as a K x K convolution.
-      params = init_attention_as_convolution(
-        params, jax.random.fold_in(params_key, 1), alpha=conv_init_alpha
-      )
+    variables = _initialise(config, model, dataset.image_shape, given_variables)
     zero = jnp.zeros((), jnp.float32)
     return TrainState(
       step=jnp.zeros((), jnp.int32),
-      params=params,
-      batch_stats=variables.get("batch_stats", {}),
-      opt_state=tx.init(params),
-      rng=jax.random.key_data(train_key),
+      params=variables["params"],
+      batch_stats=variables["batch_stats"],
+      opt_state=tx.init(variables["params"]),
+      rng=jax.random.key_data(_keys(config)[1]),
       loss_sum=zero,
       correct_sum=zero,
       count=zero,
@@ -696,7 +735,7 @@ def train_and_evaluate(
     first_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     fresh = _to_host(jax.jit(init_fn, out_shardings=first_device)(init_variables))
     if config.get("mimetic_init", False):  # Trockman & Kolter; SVDs of the kernels on the host
-      params = _to_host(mimetic_init(fresh.params, jax.random.fold_in(init_key, 2)))
+      params = _mimetic(config, fresh.params)
       fresh = fresh.replace(params=params, opt_state=_to_host(tx.init(params)))
     state = _replicate(fresh, replicated)
   else:  # No init: restore straight into the (sharded) abstract state.

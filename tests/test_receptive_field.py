@@ -141,7 +141,7 @@ def test_initial_variables_are_the_trainers(tmp_path, monkeypatch):
     tmp_path, monkeypatch, model, seed=3, learning_rate=0.0, weight_decay=0.0
   )
   model = train_lib._build_model(config, dataset.num_classes)
-  init = rf.initial_variables(config, model, dataset.image_shape)
+  init = train_lib.initial_variables(config, model, dataset.image_shape)
   best = conversion.load_best(tmp_path)
   jax.tree_util.tree_map(np.testing.assert_array_equal, init["params"], best["params"])
   # Evaluating the initialisation (experiments.evaluate --which=init) scores those parameters.
@@ -155,7 +155,7 @@ def test_initial_variables_are_the_trainers(tmp_path, monkeypatch):
   with pytest.raises(ValueError, match="which"):
     evaluate_workdir(tmp_path, which="first", plot=False, dataset=dataset)
   config.seed = 4
-  other = rf.initial_variables(config, model, dataset.image_shape)
+  other = train_lib.initial_variables(config, model, dataset.image_shape)
   assert not all(
     np.array_equal(a, b)
     for a, b in zip(jax.tree_util.tree_leaves(other), jax.tree_util.tree_leaves(init))
