@@ -327,7 +327,8 @@ def gap_trends(
   give a t interval (n - 1 degrees of freedom). Verdict: ``"shrinks"`` if the interval excludes
   0 and the slope's sign is opposite to the mean gap at the smallest size (the gap moves towards
   0), ``"grows"`` if it excludes 0 with the same sign, ``"no detectable trend"`` if it contains 0,
-  ``"undetermined"`` with fewer than 2 seeds of at least 2 sizes. ``crossover_size``: the first
+  ``"undetermined"`` with fewer than 2 seeds of at least 2 sizes. Models paired with the
+  reference at fewer than 2 sizes are left out. ``crossover_size``: the first
   size (interpolated linearly in log size) where the mean gap changes sign, else None.
 
   Returns:
@@ -342,7 +343,7 @@ def gap_trends(
     if model == reference:
       continue
     gaps = paired_differences(records, model, reference)
-    if not gaps:
+    if len(gaps) < 2:  # A trend needs two sizes.
       continue
     sizes = sorted(gaps)
     per_seed: dict[int, list[tuple[float, float]]] = {}

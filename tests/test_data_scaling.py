@@ -453,6 +453,8 @@ def test_crossover_and_verdicts():
   assert flat["verdict"] == "no detectable trend"
   one_seed = trend({1000: [-0.01], 10000: [-0.02]})
   assert one_seed["verdict"] == "undetermined" and one_seed["slope_per_decade"]["low"] is None
+  one_size = _records({"cnn": {1000: [0.5, 0.5]}, "m": {1000: [0.4, 0.45]}})
+  assert data_scaling.gap_trends(one_size) == {}  # a trend needs two sizes
 
 
 def test_budget_effect_pairs_seeds_and_labels_compute_limited_points():
