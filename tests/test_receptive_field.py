@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pathlib
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -128,22 +129,56 @@ def test_vit_workdir_uses_the_patch_grid(tmp_path, monkeypatch):
   assert entry["grid"] == [7, 7] and len(entry["layers"]) == len(entry["init_layers"]) == 2
 
 
-def test_initial_variables_are_the_trainers(tmp_path, monkeypatch):
-  """initial_variables reproduces the trainer's initialisation: a run with learning rate 0
-  keeps its initial parameters as its best checkpoint."""
+_TINY_VIT = {"name": "vit", "num_layers": 1, "num_heads": 2, "hidden_size": 8, "mlp_dim": 8}
+
+
+@pytest.mark.parametrize(
+  "model, fields",
+  [
+    pytest.param(
+      {
+        "name": "attention_net",
+        "num_layers": 1,
+        "num_heads": 2,
+        "hidden_size": 8,
+        "mlp_dim": 8,
+        "downsample": 4,
+        "encoding": "learned_content",
+      },
+      {},
+      id="plain",
+    ),
+    pytest.param(
+      {**_TINY_VIT, "encoding": "quadratic", "num_heads": 9, "hidden_size": 18},
+      {"conv_init_alpha": 2.0},
+      id="conv_init",
+    ),
+    pytest.param(_TINY_VIT, {"mimetic_init": True}, id="mimetic"),
+  ],
+)
+def test_initial_variables_are_the_trainers(tmp_path, monkeypatch, model, fields):
+  """train.initial_variables reproduces the trainer's initialisation, with and without the
+  conv and mimetic rewrites: a run with learning rate 0 keeps its initial parameters as its
+  best checkpoint."""
   import jax
 
   from experiments import conversion
 
-  model = {"name": "attention_net", "num_layers": 1, "num_heads": 2, "hidden_size": 8}
-  model.update({"mlp_dim": 8, "downsample": 4, "encoding": "learned_content"})
   config, dataset = _one_step_run(
-    tmp_path, monkeypatch, model, seed=3, learning_rate=0.0, weight_decay=0.0
+    tmp_path, monkeypatch, model, seed=3, learning_rate=0.0, weight_decay=0.0, **fields
   )
   model = train_lib._build_model(config, dataset.num_classes)
   init = train_lib.initial_variables(config, model, dataset.image_shape)
   best = conversion.load_best(tmp_path)
   jax.tree_util.tree_map(np.testing.assert_array_equal, init["params"], best["params"])
+  # ... and the rewrite took place: without it the parameters differ.
+  bare = ml_collections.ConfigDict(config.to_dict())
+  bare.conv_init_alpha, bare.mimetic_init = 0.0, False
+  plain = jax.tree_util.tree_leaves(train_lib.initial_variables(bare, model, dataset.image_shape))
+  same = [np.array_equal(a, b) for a, b in zip(plain, jax.tree_util.tree_leaves(init))]
+  assert all(same) == (not fields)
+  if fields:
+    return
   # Evaluating the initialisation (experiments.evaluate --which=init) scores those parameters.
   from experiments.evaluate import evaluate_workdir
 
