@@ -20,7 +20,7 @@ At the end the records are gathered and analysed (:func:`analyze`) into ``--out`
                 "val_accuracy", "steps", "epochs", "final_train_accuracy", "params",
                 "train_seconds", "cpu_seconds", "device", "dataset"}, ...],
    "summary": {"accuracy", "init_accuracy", "gap_to_reference", "gain_over_baseline",
-               "trends", ..., and with --base "budget_effect"},
+               "trends", "baseline_trends", ..., with --base "budget_effect"},
    "compute": {model or "total": {"runs", "train_hours", "cpu_hours"}}}
 
 ``init_test_accuracy`` is the test accuracy of the run's initialisation (the trainer's, from its
