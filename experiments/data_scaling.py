@@ -20,7 +20,7 @@ At the end the records are gathered and analysed (:func:`analyze`) into ``--out`
                 "val_accuracy", "steps", "epochs", "final_train_accuracy", "params",
                 "train_seconds", "cpu_seconds", "device", "dataset"}, ...],
    "summary": {"accuracy", "init_accuracy", "gap_to_reference", "gain_over_baseline",
-               "trends", "baseline_trends", ..., with --base "budget_effect"},
+               "trends", "baseline_trends", "best_prior", ..., with --base "budget_effect"},
    "compute": {model or "total": {"runs", "train_hours", "cpu_hours"}}}
 
 ``init_test_accuracy`` is the test accuracy of the run's initialisation (the trainer's, from its
@@ -385,6 +385,44 @@ def gap_trends(
   return out
 
 
+def best_prior(
+  records: Sequence[dict],
+  exclude: Sequence[str] = (REFERENCE, BASELINE),
+  confidence: float = CONFIDENCE,
+) -> dict[str, dict[str, Any]]:
+  """Which prior helps most at each size? The models other than ``exclude`` ranked by mean test
+  accuracy; the leader's seed-paired difference to the runner-up, with its t interval.
+
+  Verdict: ``"leads"`` when the interval lies above 0, ``"tied"`` when it contains 0,
+  ``"undetermined"`` with fewer than 2 paired seeds.
+
+  Returns:
+    ``size (str) -> {"best", "runner_up", "difference": t_interval of acc_best -
+    acc_runner_up, "verdict"}`` for sizes with at least two such models.
+  """
+  import numpy as np
+
+  table = {m: v for m, v in _by_point(records).items() if m not in exclude}
+  out: dict[str, dict[str, Any]] = {}
+  for size in sorted({n for by_size in table.values() for n in by_size}):
+    at = {m: by_size[size] for m, by_size in table.items() if size in by_size}
+    if len(at) < 2:
+      continue
+    best, runner_up = sorted(at, key=lambda m: -float(np.mean(list(at[m].values()))))[:2]
+    seeds = sorted(set(at[best]) & set(at[runner_up]))
+    if not seeds:
+      continue
+    diff = t_interval([at[best][s] - at[runner_up][s] for s in seeds], confidence)
+    verdict = "undetermined" if diff["low"] is None else ("leads" if diff["low"] > 0 else "tied")
+    out[str(size)] = {
+      "best": best,
+      "runner_up": runner_up,
+      "difference": diff,
+      "verdict": verdict,
+    }
+  return out
+
+
 def analyze(
   records: Sequence[dict],
   reference: str = REFERENCE,
@@ -401,8 +439,9 @@ def analyze(
     "gap_to_reference": {model: {size: t_interval of acc - acc_ref, paired by seed}},
     "gain_over_baseline": {model: {size: t_interval of (acc - acc_base) / acc_base, paired}},
     "trends": gap_trends(...) of the gaps to ``reference``, "baseline_trends": the same for the
-    differences to ``baseline`` (does a prior's lead over ``vit`` fade with data?)}``; a
-    comparison is left out when its reference model has no run.
+    differences to ``baseline`` (does a prior's lead over ``vit`` fade with data?),
+    "best_prior": best_prior(...) (which prior leads at each size?)}``; a comparison is left
+    out when its reference model has no run.
   """
 
   def per_size(table: dict[str, dict[int, dict[int, float]]]) -> dict[str, dict[str, Any]]:
@@ -442,6 +481,7 @@ def analyze(
     "gain_over_baseline": compare(baseline, True),
     "trends": gap_trends(records, reference, confidence) if reference in table else {},
     "baseline_trends": gap_trends(records, baseline, confidence) if baseline in table else {},
+    "best_prior": best_prior(records, (reference, baseline), confidence),
   }
 
 
@@ -537,6 +577,15 @@ def format_summary(summary: Mapping[str, Any]) -> str:
   for model, sizes in summary["gain_over_baseline"].items():
     row = "  ".join(f"{n}: {cell(v, 100, '+.2f')}" for n, v in sizes.items())
     lines.append(f"  {model:26s} {row}")
+  if summary.get("best_prior"):
+    lines.append(
+      f"best prior at each size: paired difference to the runner-up (points), {conf}% CI"
+    )
+    for n, b in summary["best_prior"].items():
+      lines.append(
+        f"  {n:>6s}: {b['best']} over {b['runner_up']} {cell(b['difference'], 100, '+.2f')} "
+        f"({b['verdict']})"
+      )
   if summary.get("budget_effect"):
     lines.append(f"change of test accuracy with the longer budget (points), paired {conf}% CI")
     for model, sizes in summary["budget_effect"].items():
@@ -624,6 +673,21 @@ def format_markdown(records: Sequence[Mapping[str, Any]], summary: Mapping[str, 
     for model, by_size in summary[key].items():
       lines.append(
         row(model, {int(n): interval_text(v, scale, "+.2f") for n, v in by_size.items()})
+      )
+  if summary.get("best_prior"):
+    lines += [
+      "",
+      f"The best prior at each size (highest mean test accuracy, `{summary['reference']}` and "
+      f"`{summary['baseline']}` aside) and its paired difference to the runner-up, accuracy "
+      f"points, mean [{conf} % interval].",
+      "",
+      "| training images | best | runner-up | difference | verdict |",
+      "|---|---|---|---|---|",
+    ]
+    for n, b in summary["best_prior"].items():
+      lines.append(
+        f"| {_size_label(n)} | `{b['best']}` | `{b['runner_up']}` | "
+        f"{interval_text(b['difference'], 100.0, '+.2f')} | {b['verdict']} |"
       )
   if summary.get("budget_effect"):
     lines += [

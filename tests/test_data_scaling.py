@@ -457,6 +457,32 @@ def test_crossover_and_verdicts():
   assert data_scaling.gap_trends(one_size) == {}  # a trend needs two sizes
 
 
+def test_best_prior_ranks_by_mean_and_pairs_the_runner_up():
+  table = {
+    "cnn": {1000: [0.9, 0.9, 0.9]},  # left out (reference), as is vit (baseline)
+    "vit": {1000: [0.5, 0.5, 0.5]},
+    # a - b = (0.03, 0.02, 0.04) at 1000: leads; (0.01, -0.01, 0.03) at 10,000: tied.
+    "a": {1000: [0.83, 0.82, 0.84], 10000: [0.86, 0.84, 0.88]},
+    "b": {1000: [0.80, 0.80, 0.80], 10000: [0.85, 0.85, 0.85]},
+    "c": {1000: [0.70, 0.70, 0.70]},
+  }
+  ranking = data_scaling.best_prior(_records(table))
+  assert set(ranking) == {"1000", "10000"}
+  first = ranking["1000"]
+  assert (first["best"], first["runner_up"], first["verdict"]) == ("a", "b", "leads")
+  assert first["difference"]["mean"] == pytest.approx(0.03, abs=1e-12)
+  half = T975_2DOF * 0.01 / math.sqrt(3)
+  assert first["difference"]["low"] == pytest.approx(0.03 - half, abs=1e-12)
+  assert ranking["10000"]["verdict"] == "tied"
+  assert data_scaling.best_prior(_records({"a": table["a"], "cnn": table["cnn"]})) == {}
+  summary = data_scaling.analyze(_records(table))
+  assert summary["best_prior"] == ranking
+  assert "    1000: a over b +3.00 [" in data_scaling.format_summary(summary)
+  lines = data_scaling.format_markdown(_records(table), summary).splitlines()
+  assert any(line.startswith("| 1,000 | `a` | `b` | +3.00 [") for line in lines)
+  assert "| 10,000 | `a` | `b` | +1.00 [-3.97, +5.97] | tied |" in lines
+
+
 def test_budget_effect_pairs_seeds_and_labels_compute_limited_points():
   def records(accs: dict[str, list[float]], steps: int, train: float | None) -> list[dict]:
     return [

@@ -41,6 +41,9 @@ intervals are paired over seeds, t distribution with n - 1 = 2 degrees of freedo
   size, where the mean gap changes sign.
 * "Prior P helps a ViT at size n": P's paired relative gain over ``vit``,
   ``(acc_P - acc_vit) / acc_vit`` (ConViT's table form), has an interval above 0.
+* "Prior P helps most at size n": P has the highest mean test accuracy of the six priors and
+  its paired difference to the runner-up has an interval above 0 (``best_prior``, "leads");
+  an interval containing 0 is a tie between the two.
 * "P's lead over ``vit`` fades with data" (ConViT's finding on ImageNet: ConViT-S over DeiT-S
   +37% at 5% of the images, +1.9% with all): for a prior ahead of ``vit`` at the smallest size,
   the per-seed slope of ``acc_P - acc_vit`` against log10(size) has an interval below 0
