@@ -106,7 +106,7 @@ Variants:
     points of ``cnn``, ``vit``, ``gpsa`` and ``attention_conv_init`` (3 seeds) with twice the
     budget: S = 4000 steps (40 epochs instead of 20), the same recipe, the schedule stretched
     over the longer run. Why: at 10,000 images and 2000 steps the attention models' final
-    training accuracy (0.83-0.85, augmented batches) is within 1-2 points of their validation
+    training accuracy (0.83-0.86, augmented batches) is within 1-2 points of their validation
     accuracy, and the ViT's validation accuracy still rose by 1.9 points over the last 30% of
     its run (seed 0): they look underfitted, where the CNN has fitted 1000 images (0.99).
     Criterion, stated before the run: a model is *compute-limited* at 10,000 images when its
