@@ -17,20 +17,22 @@ At the end the records are gathered and analysed (:func:`analyze`) into ``--out`
 ``experiments/results/data_scaling.json``)::
 
   {"records": [{"model", "train_size", "seed", "test_accuracy", "init_test_accuracy",
-                "val_accuracy", "steps", "epochs", "final_train_accuracy", "params",
-                "train_seconds", "cpu_seconds", "device", "dataset"}, ...],
+                "val_accuracy", "steps", "epochs", "final_train_accuracy", "late_val_gain",
+                "params", "train_seconds", "cpu_seconds", "device", "dataset"}, ...],
    "summary": {"accuracy", "init_accuracy", "gap_to_reference", "gain_over_baseline",
                "trends", "baseline_trends", "best_prior", ..., with --base "budget_effect"},
    "compute": {model or "total": {"runs", "train_hours", "cpu_hours"}}}
 
-``init_test_accuracy`` is the test accuracy of the run's initialisation (the trainer's, from its
-seed; ``experiments.evaluate --which=init``, cached in the run's ``evaluation_init.json``; one
-evaluation per model and seed, the initialisation being the same at every size), the
-at-initialisation value beside the trained one (``--noinit_accuracy``: None). (:func:`load_records`
-also reads a plain list of records) and plotted into ``--plot``
-(default ``experiments/results/data_scaling.png``): mean test accuracy with 95% intervals,
-each model's paired gap to the CNN and its paired relative gain over the ViT, against the
-training-set size (log scale).
+``final_train_accuracy`` (the last logged window's, on augmented batches) and ``late_val_gain``
+(:func:`late_validation_gain`: the validation accuracy gained over the last 30% of the run) show
+whether a point converged or is limited by its budget. ``init_test_accuracy`` is the test
+accuracy of the run's initialisation (the trainer's, from its seed; ``experiments.evaluate
+--which=init``, cached in the run's ``evaluation_init.json``; one evaluation per model and seed,
+the initialisation being the same at every size), the at-initialisation value beside the trained
+one (``--noinit_accuracy``: None). :func:`load_records` also reads a plain list of records. The
+plot (``--plot``, default ``experiments/results/data_scaling.png``): mean test accuracy with 95%
+intervals, each model's paired gap to the CNN and its paired relative gain over the ViT, against
+the training-set size (log scale).
 
 ``--base=<results JSON>`` names the results of the same points with a shorter budget (the
 ``data_scaling.py:budget`` variant against the convergence grid): the summary then has
@@ -142,6 +144,29 @@ def _last_train_accuracy(path: pathlib.Path) -> float | None:
   return json.loads(lines[-1]).get("train_accuracy") if lines else None
 
 
+def late_validation_gain(path: str | os.PathLike, fraction: float = 0.3) -> float | None:
+  """How much a run still learned at its end: the validation accuracy of its last evaluation
+  minus that of its last evaluation at or before ``1 - fraction`` of its steps (None without
+  two such evaluations). Near 0 for a converged run; with the cosine schedule's small final
+  learning rates a clearly positive value says the run was still improving.
+
+  Raises:
+    ValueError: if ``fraction`` is not in (0, 1).
+  """
+  if not 0.0 < fraction < 1.0:
+    raise ValueError(f"fraction: expected a float in (0, 1), got {fraction!r}")
+  metrics = pathlib.Path(path) / "metrics.jsonl"
+  if not metrics.exists():
+    return None
+  rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+  evals = [(int(r["step"]), float(r["val_accuracy"])) for r in rows if "val_accuracy" in r]
+  if len(evals) < 2:
+    return None
+  last_step, last = evals[-1]
+  earlier = [v for step, v in evals[:-1] if step <= (1.0 - fraction) * last_step]
+  return last - earlier[-1] if earlier else None
+
+
 def _rounded(seconds: float | None) -> float | None:
   return None if seconds is None else round(float(seconds), 1)
 
@@ -205,6 +230,7 @@ def gather(
         "steps": summary["steps"],
         "epochs": round(float(summary["epochs"]), 3) if "epochs" in summary else None,
         "final_train_accuracy": _last_train_accuracy(path),
+        "late_val_gain": late_validation_gain(path),
         "params": summary["num_params"],
         "train_seconds": _rounded(summary["train_seconds"]),
         "cpu_seconds": _rounded(summary.get("cpu_seconds")),
@@ -665,6 +691,25 @@ def format_markdown(records: Sequence[Mapping[str, Any]], summary: Mapping[str, 
     lines += ["", header, rule]
   for model, by_size in train.items():
     lines.append(row(model, {n: f"{np.mean(list(v.values())):.3f}" for n, v in by_size.items()}))
+  late = _by_point(
+    [
+      {**r, "test_accuracy": r["late_val_gain"]}
+      for r in records
+      if r.get("late_val_gain") is not None
+    ]
+  )
+  if late:
+    lines += [
+      "",
+      "Validation accuracy gained over the last 30 % of each run (accuracy points), mean over "
+      "seeds: near 0 when a run has converged.",
+      "",
+      header,
+      rule,
+    ]
+  for model, by_size in late.items():
+    cells = {n: f"{100 * np.mean(list(v.values())):+.2f}" for n, v in by_size.items()}
+    lines.append(row(model, cells))
   for key, title, scale in (
     ("gap_to_reference", f"Gap to `{summary['reference']}`, accuracy points", 100.0),
     ("gain_over_baseline", f"Relative gain over `{summary['baseline']}`, %", 100.0),

@@ -228,6 +228,7 @@ RECORD_FIELDS = {
   "steps",
   "epochs",
   "final_train_accuracy",
+  "late_val_gain",
   "params",
   "train_seconds",
   "cpu_seconds",
@@ -254,6 +255,10 @@ def test_every_model_trains_one_grid_point(tmp_path, fake_loader, tiny_backbone)
     # Budget max(2 steps, 0.2 epochs of 200 images at batch 20) = 2 steps = 0.2 epochs.
     assert r["train_size"] == 200 and r["steps"] == 2 and r["epochs"] == pytest.approx(0.2)
     assert r["params"] > 0 and 0.0 <= r["final_train_accuracy"] <= 1.0
+    # Evaluations at steps 1 and 2: the gain from the first (at or before 70 % of 2 steps).
+    val = [json.loads(line) for line in (cache.parent / "metrics.jsonl").read_text().splitlines()]
+    val = [row["val_accuracy"] for row in val if "val_accuracy" in row]
+    assert r["late_val_gain"] == pytest.approx(val[-1] - val[0])
     assert r["train_seconds"] >= 0.0 and r["cpu_seconds"] > 0.0 and r["device"] == "cpu x4"
   cache.write_text(json.dumps({**init, "test_accuracy": 0.125}))  # read back, not recomputed
   assert data_scaling.init_test_accuracy(cache.parent) == 0.125
@@ -413,6 +418,7 @@ def test_markdown_tables_quote_the_analysis():
     r["params"] = {"cnn": 94_000, "gpsa": 174_790, "vit": 174_682}[r["model"]]
     r["init_test_accuracy"] = 0.1 + 0.01 * r["seed"]
     r["final_train_accuracy"] = 0.9 if r["train_size"] < 100000 else 0.6 + 0.1 * r["seed"]
+    r["late_val_gain"] = 0.01 if r["train_size"] < 100000 else 0.01 + 0.01 * r["seed"]
   text = data_scaling.format_markdown(records, data_scaling.analyze(records))
   lines = text.splitlines()
   assert "| model | params | at initialisation | 1,000 | 10,000 | 100,000 |" in lines
@@ -421,6 +427,8 @@ def test_markdown_tables_quote_the_analysis():
   assert "| `cnn` | 94,000 | 0.110 ± 0.010 | 0.810 ± 0.010 (3) | 0.900 ± 0.000 (3) |" in text
   # Mean final training accuracy (0.6, 0.7, 0.8 at 100,000 images).
   assert "| `gpsa` | 0.900 | 0.900 | 0.700 |" in lines
+  # Mean validation gain over the last 30 % of the runs, in points.
+  assert "| `gpsa` | +1.00 | +1.00 | +2.00 |" in lines
   # gpsa - cnn at 1000: -4 points, half-width t * 1 / sqrt 3 = 2.48 points.
   assert "| `gpsa` | -4.00 [-6.48, -1.52] | -1.00 [-8.45, +6.45] | +2.00 [-5.45, +9.45] |" in lines
   # Relative gain of gpsa over vit at 10,000: +78 %.
@@ -434,6 +442,7 @@ def test_markdown_tables_quote_the_analysis():
   # Records without parameter counts or initial accuracies leave those cells empty.
   bare = data_scaling.format_markdown(_records(HAND), data_scaling.analyze(_records(HAND)))
   assert "| `cnn` |  |  | 0.810 ± 0.010 (3) |" in bare and "Final training" not in bare
+  assert "Validation accuracy gained" not in bare
 
 
 def test_crossover_and_verdicts():
@@ -455,6 +464,23 @@ def test_crossover_and_verdicts():
   assert one_seed["verdict"] == "undetermined" and one_seed["slope_per_decade"]["low"] is None
   one_size = _records({"cnn": {1000: [0.5, 0.5]}, "m": {1000: [0.4, 0.45]}})
   assert data_scaling.gap_trends(one_size) == {}  # a trend needs two sizes
+
+
+def test_late_validation_gain(tmp_path):
+  rows = [
+    {"step": 100, "train_accuracy": 0.5},  # a training log line: no validation accuracy
+    *({"step": 200 * k, "val_accuracy": 0.5 + 0.01 * k} for k in range(1, 11)),
+  ]
+  (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  # Last evaluation at step 2000 (0.60); the last one at or before 70 % of it, step 1400 (0.57).
+  assert data_scaling.late_validation_gain(tmp_path) == pytest.approx(0.03, abs=1e-12)
+  # At or before 50 %: step 1000 (0.55).
+  assert data_scaling.late_validation_gain(tmp_path, 0.5) == pytest.approx(0.05, abs=1e-12)
+  assert data_scaling.late_validation_gain(tmp_path / "missing") is None
+  (tmp_path / "metrics.jsonl").write_text(json.dumps(rows[-1]) + "\n")
+  assert data_scaling.late_validation_gain(tmp_path) is None  # one evaluation
+  with pytest.raises(ValueError, match="^fraction: expected"):
+    data_scaling.late_validation_gain(tmp_path, 1.0)
 
 
 def test_best_prior_ranks_by_mean_and_pairs_the_runner_up():
