@@ -507,16 +507,13 @@ def format_finetune(results: dict[str, Any]) -> str:
 
   from experiments.data_scaling import interval_text
 
-  def cell(v: dict, fmt: str) -> str:
-    return interval_text(v, 100.0, fmt)
-
   lines = ["test accuracy (%), mean [95% t interval] over seeds"]
   for arm, metrics in results["summary"].items():
-    row = "  ".join(f"{m}: {cell(v, '.2f')}" for m, v in metrics.items())
+    row = "  ".join(f"{m}: {interval_text(v, 100.0, '.2f')}" for m, v in metrics.items())
     lines.append(f"  {arm:16s} {row}")
   lines.append("paired differences (accuracy points), mean [95% t interval]")
   for name, metrics in results["paired"].items():
-    row = "  ".join(f"{m}: {cell(v, '+.2f')}" for m, v in metrics.items())
+    row = "  ".join(f"{m}: {interval_text(v, 100.0, '+.2f')}" for m, v in metrics.items())
     lines.append(f"  {name:34s} {row}")
   return "\n".join(lines)
 
@@ -536,9 +533,6 @@ def format_finetune_markdown(results: dict[str, Any]) -> str:
     return f"{100 * v['mean']:.2f}" + ("" if v["std"] is None else f" ± {100 * v['std']:.2f}")
 
   from experiments.data_scaling import interval_text
-
-  def points(v: dict[str, Any]) -> str:
-    return interval_text(v, 100.0, "+.2f")
 
   seeds = len(next(iter(results["runs"].values()), {}))
   lines = [
@@ -566,7 +560,11 @@ def format_finetune_markdown(results: dict[str, Any]) -> str:
   ]
   for name, by_metric in results["paired"].items():
     if by_metric:
-      lines.append(f"| {name} | " + " | ".join(points(by_metric[m]) for m in metrics) + " |")
+      lines.append(
+        f"| {name} | "
+        + " | ".join(interval_text(by_metric[m], 100.0, "+.2f") for m in metrics)
+        + " |"
+      )
   gated = {
     arm: runs for arm, runs in results["runs"].items() if "gates" in next(iter(runs.values()))
   }

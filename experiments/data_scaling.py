@@ -316,13 +316,16 @@ def _has_init(record: Mapping[str, Any]) -> bool:
   return record.get("init_test_accuracy") is not None
 
 
-def _by_point(records: Sequence[dict]) -> dict[str, dict[int, dict[int, float]]]:
-  """``model -> train_size -> seed -> test accuracy``."""
+def _by_point(
+  records: Sequence[Mapping[str, Any]], field: str = "test_accuracy"
+) -> dict[str, dict[int, dict[int, float]]]:
+  """``model -> train_size -> seed -> record[field]``; records whose ``field`` is None are left out."""
   table: dict[str, dict[int, dict[int, float]]] = {}
   for r in records:
-    table.setdefault(r["model"], {}).setdefault(int(r["train_size"]), {})[int(r["seed"])] = float(
-      r["test_accuracy"]
-    )
+    if r.get(field) is not None:
+      table.setdefault(r["model"], {}).setdefault(int(r["train_size"]), {})[int(r["seed"])] = float(
+        r[field]
+      )
   return table
 
 
@@ -480,9 +483,7 @@ def analyze(
   accuracy = per_size(table)
   complete = {m for m in table if all(_has_init(r) for r in records if r["model"] == m)}
   init_accuracy = per_size(
-    _by_point(
-      [{**r, "test_accuracy": r["init_test_accuracy"]} for r in records if r["model"] in complete]
-    )
+    _by_point([r for r in records if r["model"] in complete], "init_test_accuracy")
   )
 
   def compare(ref: str, relative: bool) -> dict[str, dict[str, Any]]:
@@ -679,25 +680,13 @@ def format_markdown(records: Sequence[Mapping[str, Any]], summary: Mapping[str, 
     }
     count = params.get(model)
     lines.append(row(model, cells, ["" if count is None else f"{count:,}", init_cell]))
-  train = _by_point(
-    [
-      {**r, "test_accuracy": r["final_train_accuracy"]}
-      for r in records
-      if r.get("final_train_accuracy") is not None
-    ]
-  )
+  train = _by_point(records, "final_train_accuracy")
   if train:
     lines += ["", "Final training accuracy (last logged, augmented batches), mean over seeds."]
     lines += ["", header, rule]
   for model, by_size in train.items():
     lines.append(row(model, {n: f"{np.mean(list(v.values())):.3f}" for n, v in by_size.items()}))
-  late = _by_point(
-    [
-      {**r, "test_accuracy": r["late_val_gain"]}
-      for r in records
-      if r.get("late_val_gain") is not None
-    ]
-  )
+  late = _by_point(records, "late_val_gain")
   if late:
     lines += [
       "",
