@@ -35,6 +35,8 @@ change (trained minus initial) and its 95% t interval over seeds (``seeds``,
 seeds. Several sizes (``--study_size=1000,3000,10000,30000,all``) measure locality against the
 amount of training data: the JSON holds ``sizes: {size: {"train_examples", "models"}}`` and the
 figure (:func:`plot_sizes`) the network means against the training-set size.
+``--markdown=<path>`` also writes the results as the Markdown tables ``docs/experiments.md``
+quotes (:func:`format_markdown`).
 """
 
 from __future__ import annotations
@@ -418,6 +420,7 @@ def _define_flags() -> None:
   flags.DEFINE_integer("images", 200, "Test images averaged over for content attention.")
   flags.DEFINE_string("out", "experiments/results/receptive_field.json", "Results (JSON).")
   flags.DEFINE_string("plot", "experiments/results/receptive_field.png", "Plot ('' for none).")
+  flags.DEFINE_string("markdown", "", "Also write the results as Markdown tables to this path.")
 
 
 def _fmt(stat: dict[str, Any], digits: int = 2) -> str:
@@ -454,6 +457,93 @@ def summarise_models(
         f"{_fmt(lay['attention_distance']['init'])} -> {_fmt(lay['attention_distance']['final'])}"
       )
   return models
+
+
+QUANTITIES = {
+  "mass_within_sqrt2": ("Attention mass within sqrt(2) of the query (the 3x3 window)", 3),
+  "attention_distance": ("Attention distance (tokens)", 2),
+  "r90": ("Radius r90 holding 90 % of the attention mass (tokens)", 2),
+}
+
+
+def _mean_std(stat: dict[str, Any], digits: int) -> str:
+  """``mean ± std``; the std left out when None (one seed) or below the last digit shown."""
+  text = f"{stat['mean']:.{digits}f}"
+  if stat["std"] is not None and round(stat["std"], digits) > 0:
+    text += f" ± {stat['std']:.{digits}f}"
+  return text
+
+
+def _markdown_tables(
+  rows: dict[str, dict[str, dict[str, Any]]], columns: Sequence[str], what: str
+) -> list[str]:
+  """For every quantity of :data:`QUANTITIES`: a table of ``init -> trained`` (mean ± std over
+  seeds) and one of the paired change (mean [95 % interval]); ``rows[model][column]`` is a
+  :func:`summarise_seeds` layer entry or a :func:`network_means` entry."""
+  from experiments.data_scaling import interval_text
+
+  header = f"| model | {' | '.join(columns)} |"
+  rule = "|---" * (len(columns) + 1) + "|"
+  lines: list[str] = []
+  for key, (title, digits) in QUANTITIES.items():
+    trained = [f"{title}, {what}: at initialisation → trained, mean ± std over seeds.", ""]
+    change = [
+      f"{title}, {what}: paired change (trained − initial), mean [95 % interval over seeds].",
+      "",
+    ]
+    trained += [header, rule]
+    change += [header, rule]
+    for model, cells in rows.items():
+      stats = [cells.get(c, {}).get(key) for c in columns]
+      trained.append(
+        f"| `{model}` | "
+        + " | ".join(
+          "" if v is None else f"{_mean_std(v['init'], digits)} → {_mean_std(v['final'], digits)}"
+          for v in stats
+        )
+        + " |"
+      )
+      change.append(
+        f"| `{model}` | "
+        + " | ".join(
+          "" if v is None else interval_text(v["change"], 1.0, f"+.{digits}f") for v in stats
+        )
+        + " |"
+      )
+    lines += trained + [""] + change + [""]
+  return lines
+
+
+def format_markdown(results: dict[str, Any]) -> str:
+  """The results of :func:`main` as Markdown tables (``--markdown``; the form
+  ``docs/experiments.md`` quotes). One training-set size: per model and layer, the mass within
+  sqrt(2), the attention distance and r90 at initialisation and trained, and their paired
+  changes. Several sizes (``sizes``): the same for the network means (over layers) per model
+  against the training-set size. The values of uniform attention close the text."""
+  if "sizes" in results:
+    sizes = results["sizes"]
+    columns = [f"{int(entry['train_examples']):,}" for entry in sizes.values()]
+    rows: dict[str, dict[str, dict[str, Any]]] = {}
+    for column, entry in zip(columns, sizes.values()):
+      for model, m in entry["models"].items():
+        rows.setdefault(model, {})[column] = m["network_mean"]
+    lines = _markdown_tables(rows, columns, "mean over layers, by training images")
+  else:
+    models = results.get("models", {})
+    depth = max((len(m["seeds"]) for m in models.values()), default=0)
+    columns = [f"layer {i + 1}" for i in range(depth)]
+    rows = {
+      model: {f"layer {lay['layer'] + 1}": lay for lay in m["seeds"]} for model, m in models.items()
+    }
+    lines = _markdown_tables(rows, columns, "per layer")
+  uniform = results.get("uniform_reference")
+  if uniform:
+    lines.append(
+      f"Uniform attention over the grid: mass within sqrt(2) "
+      f"{uniform['mass_within'][WINDOW]:.3f}, attention distance {uniform['mean_distance']:.2f}, "
+      f"r90 {uniform['r90']:.2f}."
+    )
+  return "\n".join(lines).rstrip() + "\n"
 
 
 def uniform_reference(grid: Sequence[int]) -> dict[str, Any]:
@@ -527,7 +617,7 @@ def main(argv: list[str]) -> None:
         results["sizes"][size] = {"train_examples": examples.pop(), "models": models}
       grid = next(iter(next(iter(results["sizes"].values()))["models"].values()))["grid"]
       results["uniform_reference"] = uniform_reference(grid)
-      _write(results, FLAGS.out)
+      _write(results, FLAGS.out, FLAGS.markdown)
       if FLAGS.plot:
         plot_sizes(results, FLAGS.plot)
       return
@@ -537,14 +627,18 @@ def main(argv: list[str]) -> None:
   results["models"] = summarise_models(names, workdirs, FLAGS.images)
   if results["models"]:
     results["uniform_reference"] = uniform_reference(next(iter(results["models"].values()))["grid"])
-  _write(results, FLAGS.out)
+  _write(results, FLAGS.out, FLAGS.markdown)
   if FLAGS.plot and results["models"]:
     plot(results, FLAGS.plot)
 
 
-def _write(results: dict[str, Any], path: str) -> None:
+def _write(results: dict[str, Any], path: str, markdown: str = "") -> None:
+  """Writes ``results`` as JSON to ``path`` and, with ``markdown``, :func:`format_markdown`."""
   pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
   pathlib.Path(path).write_text(json.dumps(results, indent=1) + "\n")
+  if markdown:
+    pathlib.Path(markdown).parent.mkdir(parents=True, exist_ok=True)
+    pathlib.Path(markdown).write_text(format_markdown(results))
 
 
 if __name__ == "__main__":

@@ -315,3 +315,50 @@ def test_study_workdirs_lists_finished_seeds_in_order(tmp_path):
     rf.study_workdirs(tmp_path, ["cnn"])
   with pytest.raises(ValueError, match="study_workdir"):
     rf.study_workdirs(tmp_path, ["gpsa"], size="1000")
+
+
+def test_format_markdown_quotes_init_trained_and_paired_change():
+  runs = [
+    _run_entry([2.0, 3.0], [1.5, 3.5], [0.5, 0.4], [0.75, 0.25], [2.5, 2.5], [2.0, 3.0]),
+    _run_entry([2.5, 3.0], [1.5, 4.0], [0.5, 0.5], [0.5, 0.25], [2.5, 2.0], [1.5, 3.5]),
+    _run_entry([2.0, 3.5], [1.0, 4.0], [0.25, 0.5], [1.0, 0.5], [3.0, 2.5], [2.0, 3.0]),
+  ]
+  entry = {
+    "grid": [7, 7],
+    "seeds": rf.summarise_seeds(runs),
+    "network_mean": rf.network_means(runs),
+  }
+  uniform = rf.uniform_reference((7, 7))
+  # One size: per layer.
+  lines = rf.format_markdown({"models": {"m": entry}, "uniform_reference": uniform}).splitlines()
+  assert "| model | layer 1 | layer 2 |" in lines
+  rows = [line for line in lines if line.startswith("| `m` |")]
+  assert len(rows) == 2 * len(rf.QUANTITIES)
+  # Mass within sqrt(2), layer 1: init (0.5, 0.5, 0.25), trained (0.75, 0.5, 1.0).
+  init_std, final_std = np.std([0.5, 0.5, 0.25], ddof=1), np.std([0.75, 0.5, 1.0], ddof=1)
+  assert rows[0].startswith(f"| `m` | 0.417 ± {init_std:.3f} → 0.750 ± {final_std:.3f} |")
+  # Its paired change, layer 2: (-0.15, -0.25, 0.0).
+  change = entry["seeds"][1]["mass_within_sqrt2"]["change"]
+  assert rows[1].endswith(
+    f"| {change['mean']:+.3f} [{change['low']:+.3f}, {change['high']:+.3f}] |"
+  )
+  assert (
+    lines[-1]
+    == "Uniform attention over the grid: mass within sqrt(2) 0.150, attention distance 3.61, r90 5.72."
+  )
+  # Several sizes: the network means, one column per size, blank where a model has no run.
+  sizes = {
+    "1000": {"train_examples": 1000, "models": {"a": entry, "b": entry}},
+    "all": {"train_examples": 55000, "models": {"a": entry}},
+  }
+  text = rf.format_markdown({"sizes": sizes, "uniform_reference": uniform})
+  assert "| model | 1,000 | 55,000 |" in text
+  b_rows = [line for line in text.splitlines() if line.startswith("| `b` |")]
+  # Attention distance, layer means per seed: init (2.5, 2.25, 2.75), trained (2.5, 2.5, 2.5): a
+  # zero std is left out. Model b has no run at 55,000 images: a blank cell.
+  assert b_rows[2] == "| `b` | 2.50 ± 0.25 → 2.50 |  |"
+  # One seed: no std, no interval.
+  single = {"grid": [7, 7], "seeds": rf.summarise_seeds(runs[:1])}
+  one = rf.format_markdown({"models": {"s": single}}).splitlines()
+  assert "| `s` | 0.500 → 0.750 | 0.400 → 0.250 |" in one
+  assert "| `s` | +0.250 | -0.150 |" in one
