@@ -329,7 +329,7 @@ def _accuracy_fn(model, dataset, batch_size: int = 500):
 
 
 def _paired(per_seed: dict, a: str, b: str, metrics: list[str]) -> dict[str, Any]:
-  from experiments.data_scaling import t_interval
+  from experiments.intervals import t_interval
 
   seeds = sorted(set(per_seed.get(a, {})) & set(per_seed.get(b, {})))
   if not seeds:
@@ -358,7 +358,7 @@ def run_finetune(config, workdir: str | os.PathLike, *, dataset=None) -> dict[st
   from attnconv.models.conv_init import transformed_cnn_from_cnn
   from experiments import corruptions
   from experiments import train as train_lib
-  from experiments.data_scaling import t_interval
+  from experiments.intervals import t_interval
 
   c = config.conversion
   arms = tuple(c.arms)
@@ -505,7 +505,7 @@ def _run_record(summary: dict) -> dict[str, Any]:
 def format_finetune(results: dict[str, Any]) -> str:
   """The T-CNN study's summary and paired differences as text."""
 
-  from experiments.data_scaling import interval_text
+  from experiments.intervals import interval_text
 
   lines = ["test accuracy (%), mean [95% t interval] over seeds"]
   for arm, metrics in results["summary"].items():
@@ -532,7 +532,7 @@ def format_finetune_markdown(results: dict[str, Any]) -> str:
   def pct(v: dict[str, Any]) -> str:
     return f"{100 * v['mean']:.2f}" + ("" if v["std"] is None else f" ± {100 * v['std']:.2f}")
 
-  from experiments.data_scaling import interval_text
+  from experiments.intervals import interval_text
 
   seeds = len(next(iter(results["runs"].values()), {}))
   lines = [

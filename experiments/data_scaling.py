@@ -59,11 +59,12 @@ from absl import app, flags  # noqa: E402
 from absl import logging as absl_logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from experiments.intervals import CONFIDENCE, interval_text, t_interval  # noqa: E402
+
 FLAGS = flags.FLAGS
 
 REFERENCE = "cnn"
 BASELINE = "vit"
-CONFIDENCE = 0.95
 
 
 def grid_points(config, models: Sequence[str] | None = None) -> list[tuple[str, int, int]]:
@@ -284,32 +285,6 @@ def summarize(records: Sequence[dict]) -> dict[str, dict[int, tuple[float, float
 
 # ----------------------------------------------------------------------------------------------
 # Analysis.
-
-
-def t_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> dict[str, Any]:
-  """Mean and two-sided t interval of ``values`` (n - 1 degrees of freedom).
-
-  Returns:
-    ``{"mean", "std" (ddof=1), "low", "high", "n"}``; with fewer than 2 values ``std``, ``low``
-    and ``high`` are None.
-
-  Raises:
-    ValueError: if ``values`` is empty or ``confidence`` is not in (0, 1).
-  """
-  import numpy as np
-  from scipy import stats
-
-  if not 0.0 < confidence < 1.0:
-    raise ValueError(f"confidence: expected a float in (0, 1), got {confidence!r}")
-  x = np.asarray(values, dtype=np.float64)
-  if x.ndim != 1 or x.size == 0:
-    raise ValueError(f"values: expected a non-empty 1-D sequence, got shape {x.shape}")
-  mean, n = float(x.mean()), int(x.size)
-  if n < 2:
-    return {"mean": mean, "std": None, "low": None, "high": None, "n": n}
-  std = float(x.std(ddof=1))
-  half = float(stats.t.ppf(0.5 + confidence / 2.0, n - 1)) * std / math.sqrt(n)
-  return {"mean": mean, "std": std, "low": mean - half, "high": mean + half, "n": n}
 
 
 def _has_init(record: Mapping[str, Any]) -> bool:
@@ -570,15 +545,6 @@ def budget_effect(
         "verdict": verdict,
       }
   return out
-
-
-def interval_text(v: Mapping[str, Any], scale: float = 1.0, fmt: str = ".4f") -> str:
-  """``"mean [low, high]"`` of a :func:`t_interval` dict scaled by ``scale`` (``"mean"`` alone
-  when it has no interval: one value)."""
-  m = v["mean"] * scale
-  if v["low"] is None:
-    return f"{m:{fmt}}"
-  return f"{m:{fmt}} [{v['low'] * scale:{fmt}}, {v['high'] * scale:{fmt}}]"
 
 
 def format_summary(summary: Mapping[str, Any]) -> str:

@@ -250,7 +250,7 @@ def summarise_seeds(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
   """Per layer, over the runs (seeds) of one model (entries of :func:`summarise_run`): for
   ``r90``, ``mass_within_sqrt2`` and ``attention_distance``, ``{"init": {"mean", "std"},
   "final": {"mean", "std"}, "change": t interval}`` where ``change`` is the paired difference
-  trained minus initial (:func:`experiments.data_scaling.t_interval`: ``mean``, ``std``,
+  trained minus initial (:func:`experiments.intervals.t_interval`: ``mean``, ``std``,
   ``low``, ``high``, ``n``; with one seed ``std``, ``low`` and ``high`` are None)."""
   if not runs:
     raise ValueError("runs: expected at least one run, got none")
@@ -273,7 +273,7 @@ SUMMARISED = ("r90", "mass_within_sqrt2", "attention_distance")
 
 def _init_final_change(init: Sequence[float], final: Sequence[float]) -> dict[str, Any]:
   """Over seeds: ``init`` and ``final`` mean and std, and the paired ``change`` (t interval)."""
-  from experiments.data_scaling import t_interval
+  from experiments.intervals import t_interval
 
   a, b = np.asarray(init, np.float64), np.asarray(final, np.float64)
   return {
@@ -480,7 +480,7 @@ def _markdown_tables(
   """For every quantity of :data:`QUANTITIES`: a table of ``init -> trained`` (mean ± std over
   seeds) and one of the paired change (mean [95 % interval]); ``rows[model][column]`` is a
   :func:`summarise_seeds` layer entry or a :func:`network_means` entry."""
-  from experiments.data_scaling import interval_text
+  from experiments.intervals import interval_text
 
   header = f"| model | {' | '.join(columns)} |"
   rule = "|---" * (len(columns) + 1) + "|"

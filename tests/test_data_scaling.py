@@ -12,8 +12,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
 from attnconv.construction import conv_head_offsets
 from attnconv.models import build_model, count_params
@@ -551,34 +549,6 @@ def test_budget_effect_pairs_seeds_and_labels_compute_limited_points():
   json.dumps(summary, allow_nan=False)
   with pytest.raises(ValueError, match="^base_records: expected runs shorter"):
     data_scaling.budget_effect(base, longer)
-
-
-@st.composite
-def paired_samples(draw):
-  n = draw(st.integers(2, 6))
-  values = st.floats(0.0, 1.0, allow_nan=False, allow_infinity=False)
-  return draw(st.lists(values, min_size=n, max_size=n))
-
-
-@given(paired_samples())
-def test_t_interval_contains_the_mean_and_matches_scipy(values):
-  from scipy import stats
-
-  ci = data_scaling.t_interval(values)
-  n = len(values)
-  assert ci["n"] == n and ci["low"] <= ci["mean"] <= ci["high"]
-  half = stats.t.ppf(0.975, n - 1) * np.std(values, ddof=1) / math.sqrt(n)
-  assert ci["mean"] == pytest.approx(np.mean(values), abs=1e-12)
-  assert (ci["low"], ci["high"]) == pytest.approx((ci["mean"] - half, ci["mean"] + half), abs=1e-12)
-
-
-def test_t_interval_errors():
-  with pytest.raises(ValueError, match="^values: expected"):
-    data_scaling.t_interval([])
-  with pytest.raises(ValueError, match="^confidence: expected"):
-    data_scaling.t_interval([0.1, 0.2], confidence=1.0)
-  single = data_scaling.t_interval([0.3])
-  assert single["mean"] == 0.3 and single["low"] is None and single["n"] == 1
 
 
 def test_results_file_formats(tmp_path):

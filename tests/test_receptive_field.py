@@ -219,7 +219,7 @@ def _run_entry(r90_init, r90_final, mass_init, mass_final, dist_init, dist_final
 
 
 def test_summarise_seeds_pairs_trained_with_initial_values():
-  from experiments.data_scaling import t_interval
+  from experiments.intervals import t_interval
 
   runs = [
     _run_entry([2.0, 3.0], [1.5, 3.5], [0.5, 0.4], [0.75, 0.25], [2.5, 2.5], [2.0, 3.0]),
@@ -260,7 +260,7 @@ def test_summarise_seeds_pairs_trained_with_initial_values():
 
 
 def test_network_means_average_layers_within_each_seed(tmp_path):
-  from experiments.data_scaling import t_interval
+  from experiments.intervals import t_interval
 
   runs = [
     _run_entry([2.0, 3.0], [1.5, 3.5], [0.5, 0.4], [0.75, 0.25], [2.5, 2.5], [2.0, 3.0]),
