@@ -733,7 +733,8 @@ def format_markdown(records: Sequence[Mapping[str, Any]], summary: Mapping[str, 
 def plot(records: Sequence[dict], path: str | os.PathLike) -> None:
   """Test accuracy (mean, 95% t interval over seeds), the paired gap to the CNN in accuracy
   points and the paired relative gain over the ViT in % (mean, 95% interval) against the
-  training-set size (log scale), one line per model."""
+  training-set size (log scale), one line per model; the interval as an error bar wherever a
+  point has one, each model's bars shifted slightly along the size axis so they do not overlap."""
   import matplotlib
 
   matplotlib.use("Agg")
@@ -746,29 +747,44 @@ def plot(records: Sequence[dict], path: str | os.PathLike) -> None:
   if summary["gain_over_baseline"]:
     panels.append(("gain_over_baseline", f"relative gain over {BASELINE}, % (paired)", 100.0))
   fig, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels), 4.4), squeeze=False)
-  colors = {m: f"C{i}" for i, m in enumerate(summary["accuracy"])}
+  models = list(summary["accuracy"])
+  colors = {m: f"C{i}" for i, m in enumerate(models)}
+  # Multiplicative shifts on the log axis: about +-5% of the size between the outermost models.
+  shift = {m: 10.0 ** (0.01 * (i - (len(models) - 1) / 2)) for i, m in enumerate(models)}
   for ax, (key, label, scale) in zip(axes[0], panels):
     for model, sizes in summary[key].items():
-      n = [int(k) for k in sizes]
+      n = [int(k) * shift[model] for k in sizes]
       mean = [scale * v["mean"] for v in sizes.values()]
       ax.plot(n, mean, marker="o", ms=3, color=colors[model], label=model)
-      if all(v["low"] is not None for v in sizes.values()):
-        low = [scale * v["low"] for v in sizes.values()]
-        high = [scale * v["high"] for v in sizes.values()]
-        ax.fill_between(n, low, high, color=colors[model], alpha=0.15, linewidth=0)
+      bars = [(x, m, v) for x, m, v in zip(n, mean, sizes.values()) if v["low"] is not None]
+      if bars:
+        ax.errorbar(
+          [x for x, _, _ in bars],
+          [m for _, m, _ in bars],
+          yerr=[
+            [m - scale * v["low"] for _, m, v in bars],
+            [scale * v["high"] - m for _, m, v in bars],
+          ],
+          fmt="none",
+          ecolor=colors[model],
+          elinewidth=1.0,
+          capsize=2,
+          alpha=0.8,
+        )
     if key != "accuracy":
       ax.axhline(0.0, color="k", lw=0.8)
     ax.set_xscale("log")
     ax.set_xlabel("training images")
     ax.set_ylabel(label)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+  handles, labels = axes[0][0].get_legend_handles_labels()  # every model, one colour each
+  fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
   dataset = records[0].get("dataset", "") if records else ""
   seeds = len({r["seed"] for r in records})
   fig.suptitle(
     f"Data efficiency on {dataset}: mean and 95% t interval over {seeds} seeds", fontsize=10
   )
-  fig.tight_layout()
+  fig.tight_layout(rect=(0.0, 0.07, 1.0, 1.0))
   pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(path, dpi=130)
   plt.close(fig)

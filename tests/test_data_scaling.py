@@ -564,3 +564,12 @@ def test_results_file_formats(tmp_path):
     data_scaling.load_records(bad)
   data_scaling.plot(records, tmp_path / "hand.png")
   assert (tmp_path / "hand.png").stat().st_size > 1000
+  # A point with a single seed has no interval: drawn without an error bar.
+  first = records[0]
+  single = [
+    r
+    for r in records
+    if r is first or (r["model"], r["train_size"]) != (first["model"], first["train_size"])
+  ]
+  data_scaling.plot(single, tmp_path / "single.png")
+  assert (tmp_path / "single.png").stat().st_size > 1000
