@@ -270,19 +270,6 @@ def load_records(path: str | os.PathLike) -> list[dict]:
   )
 
 
-def summarize(records: Sequence[dict]) -> dict[str, dict[int, tuple[float, float, int]]]:
-  """``model -> train_size -> (mean, std, count)`` of test accuracy over seeds (std: ddof=0)."""
-  import numpy as np
-
-  table: dict[str, dict[int, list[float]]] = {}
-  for r in records:
-    table.setdefault(r["model"], {}).setdefault(r["train_size"], []).append(r["test_accuracy"])
-  return {
-    m: {n: (float(np.mean(v)), float(np.std(v)), len(v)) for n, v in sorted(sizes.items())}
-    for m, sizes in table.items()
-  }
-
-
 # ----------------------------------------------------------------------------------------------
 # Analysis.
 

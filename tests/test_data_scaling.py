@@ -325,10 +325,11 @@ def test_resume_skips_finished_points_then_gather_and_plot(tmp_path, fake_loader
   assert other["test_accuracy"] == with_init[1]["init_test_accuracy"]
   # Each run's budget from its own size: max(2, ceil(0.2 * 200 // 20)) = 2, then 4 steps.
   assert [r["steps"] for r in records] == [2, 4]
-  table = data_scaling.summarize(records + [dict(records[0], seed=1, test_accuracy=0.0)])
-  mean, std, count = table["cnn"][200]
-  a = records[0]["test_accuracy"]
-  assert count == 2 and mean == pytest.approx(a / 2) and std == pytest.approx(a / 2)
+  accuracy = data_scaling.analyze(records + [dict(records[0], seed=1, test_accuracy=0.0)])
+  cell = accuracy["accuracy"]["cnn"]["200"]
+  a = records[0]["test_accuracy"]  # the seeds' accuracies a and 0: std (ddof=1) a / sqrt(2)
+  assert cell["n"] == 2 and cell["mean"] == pytest.approx(a / 2)
+  assert cell["std"] == pytest.approx(a / math.sqrt(2))
   data_scaling.plot(records, tmp_path / "scaling.png")
   assert (tmp_path / "scaling.png").stat().st_size > 1000
   totals = data_scaling.compute(records)
