@@ -3,7 +3,7 @@
 Usage::
 
   python -m experiments.data_scaling --config=experiments/configs/data_scaling.py \
-    --workdir=runs/data_scaling_convergence [--workers=2] [--models=cnn,gpsa]
+    --workdir=experiments/results/data_scaling_runs [--workers=2] [--models=cnn,gpsa]
 
 Each grid point ``(model, train_size, seed)`` is an ordinary :func:`train_and_evaluate` run in
 ``<workdir>/<model>/n<train_size>/s<seed>`` (checkpointed, so rerunning the command resumes the
@@ -12,6 +12,15 @@ budget in the same directory is an error). Each run's budget is computed from it
 size (:func:`experiments.configs.data_scaling.run_config`). ``--workers=W`` runs the grid in ``W``
 processes, one CPU thread each (on a 2-core CPU two single-threaded runs of these small models
 finish sooner than one two-threaded run).
+
+As each attention run finishes, its receptive-field summary is cached in its directory
+(:func:`cache_receptive_field`). A finished run's small files -- ``config.json``,
+``summary.json``, ``metrics.jsonl``, ``centers.jsonl``, ``evaluation_init.json`` and
+``receptive_field.json`` -- are then all that ``--aggregate_only`` and the receptive-field study
+read: the checkpoints (``checkpoints/``, ``best/``) and ``tensorboard/`` can go. The study's
+runs are kept that way in the repository (``experiments/results/data_scaling_runs``, the
+checkpoints git-ignored), so its analysis can be redone from them, and a grid split over
+machines is merged by copying those files into one workdir.
 
 At the end the records are gathered and analysed (:func:`analyze`) into ``--out`` (default
 ``experiments/results/data_scaling.json``)::
@@ -60,6 +69,7 @@ from absl import logging as absl_logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from experiments.intervals import CONFIDENCE, interval_text, t_interval  # noqa: E402
+from experiments.jsonl import read_jsonl  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -107,8 +117,26 @@ def _check_same_run(path: pathlib.Path, run, summary: Mapping[str, Any]) -> None
     )
 
 
+def cache_receptive_field(path: pathlib.Path, run, dataset: Any = None) -> bool:
+  """Caches a finished attention run's receptive-field summary in the run directory
+  (:func:`experiments.receptive_field.summarise_run`, its default 200 test images; ``dataset``:
+  the run's, when loaded), while the run's best checkpoint is there: the receptive-field study
+  then needs only the run's small files. Returns whether the run has its summary (False for the
+  CNN and for a run whose checkpoint is gone)."""
+  from experiments import receptive_field
+
+  if run.model.name == "small_cnn" or not _completed(path):
+    return False
+  if not (path / receptive_field.CACHE_FILE).exists():
+    if not any((path / "best").glob("*")):
+      return False
+    receptive_field.summarise_run(path, dataset=dataset)
+  return True
+
+
 def run_grid(config, workdir: str, points: Sequence[tuple[str, int, int]]) -> None:
-  """Trains every point that has no completed summary yet (loading each data subset once)."""
+  """Trains every point that has no completed summary yet (loading each data subset once),
+  caching each finished attention run's receptive-field summary (:func:`cache_receptive_field`)."""
   from experiments.configs import data_scaling as grid_config
   from experiments.train import load_dataset_from_config, train_and_evaluate
 
@@ -119,6 +147,7 @@ def run_grid(config, workdir: str, points: Sequence[tuple[str, int, int]]) -> No
     finished = _completed(path)
     if finished:
       _check_same_run(path, run, finished)
+      cache_receptive_field(path, run)
       continue
     key = (size, seed)
     if key not in datasets:
@@ -134,32 +163,32 @@ def run_grid(config, workdir: str, points: Sequence[tuple[str, int, int]]) -> No
       f"{summary['best_val_accuracy']:.4f}) in {time.perf_counter() - start:.0f} s",
       flush=True,
     )
+    cache_receptive_field(path, run, dataset)
 
 
-def _last_train_accuracy(path: pathlib.Path) -> float | None:
-  """Train accuracy of the last logged window (the steps since the previous evaluation)."""
-  metrics = path / "metrics.jsonl"
-  if not metrics.exists():
-    return None
-  lines = [line for line in metrics.read_text().splitlines() if line.strip()]
-  return json.loads(lines[-1]).get("train_accuracy") if lines else None
+def _last_train_accuracy(rows: Sequence[Mapping[str, Any]]) -> float | None:
+  """Train accuracy of the last logged window (the steps since the previous evaluation), from
+  a run's ``metrics.jsonl`` rows."""
+  return rows[-1].get("train_accuracy") if rows else None
 
 
-def late_validation_gain(path: str | os.PathLike, fraction: float = 0.3) -> float | None:
+def late_validation_gain(
+  path: str | os.PathLike, fraction: float = 0.3, *, rows: Sequence[Mapping[str, Any]] | None = None
+) -> float | None:
   """How much a run still learned at its end: the validation accuracy of its last evaluation
   minus that of its last evaluation at or before ``1 - fraction`` of its steps (None without
   two such evaluations). Near 0 for a converged run; with the cosine schedule's small final
   learning rates a clearly positive value says the run was still improving.
+
+  ``rows``: the run's ``metrics.jsonl`` rows when already read (else read from ``path``).
 
   Raises:
     ValueError: if ``fraction`` is not in (0, 1).
   """
   if not 0.0 < fraction < 1.0:
     raise ValueError(f"fraction: expected a float in (0, 1), got {fraction!r}")
-  metrics = pathlib.Path(path) / "metrics.jsonl"
-  if not metrics.exists():
-    return None
-  rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+  if rows is None:
+    rows = read_jsonl(pathlib.Path(path) / "metrics.jsonl")
   evals = [(int(r["step"]), float(r["val_accuracy"])) for r in rows if "val_accuracy" in r]
   if len(evals) < 2:
     return None
@@ -214,6 +243,7 @@ def gather(
     if summary is None:
       continue
     run_cfg = json.loads((path / "config.json").read_text())
+    metrics = read_jsonl(path / "metrics.jsonl")
     init_acc = None
     if init_accuracy:
       key = _initialisation_key(run_cfg)
@@ -230,8 +260,8 @@ def gather(
         "val_accuracy": summary["best_val_accuracy"],
         "steps": summary["steps"],
         "epochs": round(float(summary["epochs"]), 3) if "epochs" in summary else None,
-        "final_train_accuracy": _last_train_accuracy(path),
-        "late_val_gain": late_validation_gain(path),
+        "final_train_accuracy": _last_train_accuracy(metrics),
+        "late_val_gain": late_validation_gain(path, rows=metrics),
         "params": summary["num_params"],
         "train_seconds": _rounded(summary["train_seconds"]),
         "cpu_seconds": _rounded(summary.get("cpu_seconds")),

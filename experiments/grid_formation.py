@@ -41,6 +41,7 @@ from scipy.optimize import linear_sum_assignment
 from attnconv import attention as attn
 from attnconv import encodings as enc
 from attnconv import grids
+from experiments.jsonl import read_jsonl
 
 FLAGS = flags.FLAGS
 
@@ -116,12 +117,6 @@ def head_measures(centers: np.ndarray, alpha: np.ndarray, grid: Sequence[int]) -
   }
 
 
-def _read_jsonl(path: pathlib.Path) -> list[dict]:
-  if not path.exists():
-    return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def _token_grid(config: Mapping[str, Any]) -> tuple[int, int]:
   sizes = {"fashion_mnist": 28, "cifar10": 32}
   name = config["dataset"]["name"]
@@ -174,13 +169,13 @@ def analyse_run(
   """The grid measures of one trainer workdir (see the module docstring)."""
   workdir = pathlib.Path(workdir)
   config = json.loads((workdir / "config.json").read_text())
-  records = sorted(_read_jsonl(workdir / "centers.jsonl"), key=lambda r: r["step"])
+  records = sorted(read_jsonl(workdir / "centers.jsonl"), key=lambda r: r["step"])
   if len(records) < 2:
     raise ValueError(
       f"workdir: expected centers.jsonl with the initial and at least one trained record in "
       f"{workdir}, got {len(records)} record(s)"
     )
-  metrics = _read_jsonl(workdir / "metrics.jsonl")
+  metrics = read_jsonl(workdir / "metrics.jsonl")
   grid = _token_grid(config)
   std = float(config["model"].get("center_init_std", 2.0))
   first, last = records[0], records[-1]

@@ -18,7 +18,6 @@ The plotting functions take plain numpy arrays or file paths, so they run withou
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import warnings
@@ -30,6 +29,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from experiments.jsonl import read_jsonl  # noqa: E402
 
 __all__ = [
   "HEAD_COLORS",
@@ -260,11 +261,6 @@ def plot_attention_maps(
   return path
 
 
-def _read_jsonl(path: PathLike) -> list[dict]:
-  path = pathlib.Path(path)
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def plot_center_trajectories(
   centers: PathLike | Sequence[Mapping[str, Any]], path: PathLike
 ) -> pathlib.Path:
@@ -278,7 +274,7 @@ def plot_center_trajectories(
   Returns:
     The PNG path.
   """
-  records = _read_jsonl(centers) if isinstance(centers, str | os.PathLike) else list(centers)
+  records = read_jsonl(centers) if isinstance(centers, str | os.PathLike) else list(centers)
   if not records:
     raise ValueError("centers: expected at least one record, got none")
   records = sorted(records, key=lambda r: r["step"])
@@ -326,7 +322,7 @@ def plot_accuracy_curves(metrics: PathLike | Sequence[Mapping[str, Any]], path: 
   Returns:
     The PNG path.
   """
-  records = _read_jsonl(metrics) if isinstance(metrics, str | os.PathLike) else list(metrics)
+  records = read_jsonl(metrics) if isinstance(metrics, str | os.PathLike) else list(metrics)
   if not records:
     raise ValueError("metrics: expected at least one record, got none")
   path = pathlib.Path(path)
@@ -441,10 +437,11 @@ def plot_workdir(
   workdir = pathlib.Path(workdir)
   out = workdir / "plots"
   written = []
-  if (workdir / "metrics.jsonl").exists() and _read_jsonl(workdir / "metrics.jsonl"):
-    written.append(plot_accuracy_curves(workdir / "metrics.jsonl", out / "accuracy.png"))
-  if (workdir / "centers.jsonl").exists() and _read_jsonl(workdir / "centers.jsonl"):
-    written.append(plot_center_trajectories(workdir / "centers.jsonl", out / "centers.png"))
+  metrics, centers = read_jsonl(workdir / "metrics.jsonl"), read_jsonl(workdir / "centers.jsonl")
+  if metrics:
+    written.append(plot_accuracy_curves(metrics, out / "accuracy.png"))
+  if centers:
+    written.append(plot_center_trajectories(centers, out / "centers.png"))
   if model is not None and state is not None and dataset is not None:
     import jax
 

@@ -26,7 +26,7 @@ window) and of the attention distance, at initialisation and after training, wit
 change (trained minus initial) and its 95% t interval over seeds (``seeds``,
 :func:`summarise_seeds`). ``--study_workdir`` names the runs of a data-efficiency grid instead::
 
-  python -m experiments.receptive_field --study_workdir=runs/data_scaling_convergence \
+  python -m experiments.receptive_field --study_workdir=experiments/results/data_scaling_runs \
     --study_models=vit,vit_mimetic,gpsa,attention_quadratic,attention_conv_init,attention_learned_content \
     --study_size=all
 
@@ -104,8 +104,11 @@ def radius_for_mass(probs: np.ndarray, distances: np.ndarray, mass: float) -> fl
   )
 
 
-def _load_run(workdir: str | os.PathLike, num_images: int) -> tuple[Any, Any, Any, Any, tuple]:
-  """A trainer workdir's config, dataset, model, normalised test images and token grid."""
+def _load_run(
+  workdir: str | os.PathLike, num_images: int, dataset: Any = None
+) -> tuple[Any, Any, Any, Any, tuple]:
+  """A trainer workdir's config, dataset (``dataset`` when given, else loaded from the run's
+  config), model, normalised test images and token grid."""
   import ml_collections
 
   from experiments import input_pipeline
@@ -113,7 +116,8 @@ def _load_run(workdir: str | os.PathLike, num_images: int) -> tuple[Any, Any, An
 
   workdir = pathlib.Path(workdir)
   config = ml_collections.ConfigDict(json.loads((workdir / train_lib.CONFIG_FILE).read_text()))
-  dataset = train_lib.load_dataset_from_config(config)
+  if dataset is None:
+    dataset = train_lib.load_dataset_from_config(config)
   model = train_lib._build_model(config, dataset.num_classes)
   images = input_pipeline.normalize(dataset.test_images[:num_images], dataset.mean, dataset.std)
   # One token per patch (ViT backbone) or per space-to-depth block (AttentionNet, SmallCNN).
@@ -196,25 +200,52 @@ def attention_distance_entries(
   ]
 
 
+CACHE_FILE = "receptive_field.json"
+
+
 def summarise_run(
-  workdir: str | os.PathLike, num_images: int = 200, radii: Sequence[float] | None = None
+  workdir: str | os.PathLike,
+  num_images: int = 200,
+  radii: Sequence[float] | None = None,
+  *,
+  cache: bool = True,
+  dataset: Any = None,
 ) -> dict[str, Any]:
   """A workdir's JSON entry: its grid, its number of training examples (``train_examples``,
   None without a summary), the per-layer receptive-field summary (:func:`analyse`) of the
   trained network and of its initialisation (``init_layers``), and the per-head attention
-  distance of every layer at initialisation (same seed as the run) and after training."""
+  distance of every layer at initialisation (same seed as the run) and after training.
+
+  With ``cache``, the entry of a finished run (``summary.json`` with ``completed``) is also
+  written to ``<workdir>/receptive_field.json`` and read back from there by later calls with
+  the same ``num_images``, ``radii`` and run (its steps and best-validation step): the best
+  checkpoint is then no longer needed, a finished run's small files are enough to redo the
+  study's analysis. ``workdir`` in the entry is always the path given. ``dataset``: the run's
+  :class:`experiments.input_pipeline.Dataset` when already loaded (else loaded from its config).
+  """
   from experiments import conversion
   from experiments import train as train_lib
 
-  config, dataset, model, images, grid = _load_run(workdir, num_images)
+  radii = RADII if radii is None else tuple(float(r) for r in radii)
+  summary_path = pathlib.Path(workdir) / train_lib.SUMMARY_FILE
+  summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+  cache = cache and bool(summary.get("completed"))
+  cache_path = pathlib.Path(workdir) / CACHE_FILE
+  key = {
+    "num_images": int(num_images),
+    "radii": [round(r, 6) for r in radii],
+    "run": [summary.get("steps"), summary.get("best_val_step")],
+  }
+  if cache and cache_path.exists():
+    cached = json.loads(cache_path.read_text())
+    if cached.get("key") == key:
+      return {**cached["entry"], "workdir": str(workdir)}
+  config, dataset, model, images, grid = _load_run(workdir, num_images, dataset)
   final = _sown_probabilities(model, conversion.load_best(workdir), images)
   init = _sown_probabilities(
     model, train_lib.initial_variables(config, model, dataset.image_shape), images
   )
-  radii = RADII if radii is None else radii
-  summary_path = pathlib.Path(workdir) / train_lib.SUMMARY_FILE
-  summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-  return {
+  entry = {
     "workdir": str(workdir),
     "train_examples": summary.get("num_train_examples"),
     "grid": list(grid),
@@ -224,6 +255,9 @@ def summarise_run(
       layer_attention_distances(init, grid), layer_attention_distances(final, grid)
     ),
   }
+  if cache:
+    cache_path.write_text(json.dumps({"key": key, "entry": entry}) + "\n")
+  return entry
 
 
 WINDOW = f"{np.sqrt(2.0):g}"  # the mass_within key of a 3x3 window: "1.41421"

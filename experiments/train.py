@@ -63,6 +63,7 @@ from attnconv.models.conv_init import init_attention_as_convolution
 from attnconv.models.mimetic import mimetic_init
 from experiments import input_pipeline
 from experiments.accumulation import accumulated_value_and_grad
+from experiments.jsonl import read_jsonl
 
 __all__ = [
   "MAX_INFLIGHT",
@@ -549,16 +550,10 @@ def evaluate(
 # Files.
 
 
-def _read_jsonl(path: pathlib.Path) -> list[dict]:
-  if not path.exists():
-    return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def _truncate_jsonl(path: pathlib.Path, max_step: int, write: bool = True) -> list[dict]:
   """Drops events after ``max_step`` (written before a kill, to be redone); returns the rest
   (``write=False``: only returns them)."""
-  records = [r for r in _read_jsonl(path) if r.get("step", 0) <= max_step]
+  records = [r for r in read_jsonl(path) if r.get("step", 0) <= max_step]
   if write and path.exists():
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
   return records

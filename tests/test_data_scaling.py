@@ -258,6 +258,21 @@ def test_every_model_trains_one_grid_point(tmp_path, fake_loader, tiny_backbone)
     val = [row["val_accuracy"] for row in val if "val_accuracy" in row]
     assert r["late_val_gain"] == pytest.approx(val[-1] - val[0])
     assert r["train_seconds"] >= 0.0 and r["cpu_seconds"] > 0.0 and r["device"] == "cpu x4"
+    # Each attention run's receptive-field summary is cached as it finishes (not the CNN's).
+    rf_cache = cache.parent / "receptive_field.json"
+    assert rf_cache.exists() == (r["model"] != "cnn")
+  # A finished run without its summary gets it on the next pass, while its checkpoint is there.
+  gpsa = data_scaling.run_dir(tmp_path, "gpsa", 200, 0)
+  entry = json.loads((gpsa / "receptive_field.json").read_text())
+  (gpsa / "receptive_field.json").unlink()
+  data_scaling.run_grid(config, str(tmp_path), points)
+  assert json.loads((gpsa / "receptive_field.json").read_text()) == entry
+  import shutil
+
+  (gpsa / "receptive_field.json").unlink()
+  shutil.rmtree(gpsa / "best")
+  data_scaling.run_grid(config, str(tmp_path), points)  # gone: nothing to summarise, no error
+  assert not (gpsa / "receptive_field.json").exists()
   cache.write_text(json.dumps({**init, "test_accuracy": 0.125}))  # read back, not recomputed
   assert data_scaling.init_test_accuracy(cache.parent) == 0.125
   summary = data_scaling.analyze(records)
@@ -476,6 +491,8 @@ def test_late_validation_gain(tmp_path):
   # At or before 50 %: step 1000 (0.55).
   assert data_scaling.late_validation_gain(tmp_path, 0.5) == pytest.approx(0.05, abs=1e-12)
   assert data_scaling.late_validation_gain(tmp_path / "missing") is None
+  # Rows already read are used as given (the path is not read).
+  assert data_scaling.late_validation_gain(tmp_path / "missing", rows=rows) == pytest.approx(0.03)
   (tmp_path / "metrics.jsonl").write_text(json.dumps(rows[-1]) + "\n")
   assert data_scaling.late_validation_gain(tmp_path) is None  # one evaluation
   with pytest.raises(ValueError, match="^fraction: expected"):

@@ -117,6 +117,43 @@ def test_trained_workdir(tmp_path, monkeypatch):
     rf.layer_probabilities(tmp_path, which="last")
 
 
+def test_summary_of_a_finished_run_is_cached_without_its_checkpoints(tmp_path, monkeypatch):
+  """A finished run's entry is written to receptive_field.json and read back from it once the
+  checkpoints are gone; another number of images or a re-trained run is not served from it."""
+  import json
+  import shutil
+
+  model = {"name": "vit", "num_layers": 1, "num_heads": 2, "hidden_size": 8, "mlp_dim": 8}
+  _one_step_run(tmp_path / "run", monkeypatch, {**model, "patch_size": 4})
+  entry = rf.summarise_run(tmp_path / "run", num_images=3)
+  cached = json.loads((tmp_path / "run" / rf.CACHE_FILE).read_text())
+  assert cached["key"]["num_images"] == 3 and cached["entry"] == entry
+  shutil.rmtree(tmp_path / "run" / "best")
+  shutil.rmtree(tmp_path / "run" / "checkpoints")
+  moved = tmp_path / "moved"
+  shutil.move(tmp_path / "run", moved)
+  assert rf.summarise_run(moved, num_images=3) == {**entry, "workdir": str(moved)}
+  with pytest.raises(FileNotFoundError):  # not cached for 4 images: needs the checkpoint
+    rf.summarise_run(moved, num_images=4)
+  summary = json.loads((moved / "summary.json").read_text())
+  (moved / "summary.json").write_text(json.dumps({**summary, "best_val_step": 7}))
+  with pytest.raises(FileNotFoundError):  # another run in the same directory
+    rf.summarise_run(moved, num_images=3)
+
+
+def test_unfinished_runs_are_not_cached(tmp_path, monkeypatch):
+  import json
+
+  model = {"name": "vit", "num_layers": 1, "num_heads": 2, "hidden_size": 8, "mlp_dim": 8}
+  _one_step_run(tmp_path, monkeypatch, {**model, "patch_size": 4})
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  (tmp_path / "summary.json").write_text(json.dumps({**summary, "completed": False}))
+  rf.summarise_run(tmp_path, num_images=2)
+  assert not (tmp_path / rf.CACHE_FILE).exists()
+  rf.summarise_run(tmp_path, num_images=2, cache=False)
+  assert not (tmp_path / rf.CACHE_FILE).exists()
+
+
 def test_vit_workdir_uses_the_patch_grid(tmp_path, monkeypatch):
   """The ViT backbone's tokens are its patches: a 28x28 image in 4x4 patches is a 7x7 grid, for
   its GPSA and its content layers alike."""

@@ -74,12 +74,15 @@ evaluations, i.e. about 27-28 CPU hours and 13-14 hours wall with ``--workers=2`
 Command (resumable -- rerun the same command after a kill; finished runs are skipped)::
 
   python -m experiments.data_scaling --config=experiments/configs/data_scaling.py \
-    --workdir=runs/data_scaling_convergence --workers=2
+    --workdir=experiments/results/data_scaling_runs --workers=2
 
 It writes ``experiments/results/data_scaling.json`` (records and the analysis) and
 ``experiments/results/data_scaling.png``; ``--markdown=<path>`` also writes the analysis as the
 Markdown tables ``docs/experiments.md`` quotes, and ``--aggregate_only`` analyses the finished runs
-without training.
+without training. The finished runs' small files (config, summary, metrics, cached
+initialisation accuracy and receptive fields; not the checkpoints) are committed under
+``experiments/results/data_scaling_runs``: on a checkout the command above redoes the analysis
+from them and trains only the points that are missing (use another ``--workdir`` to retrain).
 
 Variants:
   ``data_scaling.py:cifar10``: the same grid on CIFAR-10 (45,000 training images; downloaded into
@@ -118,7 +121,7 @@ Variants:
     evaluations: about 2 hours wall with ``--workers=2``. Command::
 
       python -m experiments.data_scaling --config=experiments/configs/data_scaling.py:budget \
-        --workdir=runs/data_scaling_budget --workers=2 \
+        --workdir=experiments/results/data_scaling_budget_runs --workers=2 \
         --base=experiments/results/data_scaling.json \
         --out=experiments/results/data_scaling_budget.json --plot=''
 
