@@ -117,17 +117,28 @@ def _check_same_run(path: pathlib.Path, run, summary: Mapping[str, Any]) -> None
     )
 
 
-def cache_receptive_field(path: pathlib.Path, run, dataset: Any = None) -> bool:
+def cache_receptive_field(
+  path: pathlib.Path,
+  run,
+  dataset: Any = None,
+  *,
+  summary: Mapping[str, Any] | None = None,
+) -> bool:
   """Caches a finished attention run's receptive-field summary in the run directory
   (:func:`experiments.receptive_field.summarise_run`, its default 200 test images; ``dataset``:
   the run's, when loaded), while the run's best checkpoint is there: the receptive-field study
-  then needs only the run's small files. Returns whether the run has its summary (False for the
-  CNN and for a run whose checkpoint is gone)."""
+  then needs only the run's small files. A cached summary that does not match the run (another
+  image count, or computed before the run was re-trained) is recomputed. Returns whether the run
+  has a valid summary (False for the CNN and for a run whose checkpoint is gone).
+  ``summary``: the run's ``summary.json`` contents when already read."""
   from experiments import receptive_field
 
-  if run.model.name == "small_cnn" or not _completed(path):
+  if run.model.name == "small_cnn":
     return False
-  if not (path / receptive_field.CACHE_FILE).exists():
+  summary = _completed(path) if summary is None else summary
+  if not summary or not summary.get("completed"):
+    return False
+  if receptive_field.cached_summary(path, summary=summary) is None:
     if not any((path / "best").glob("*")):
       return False
     receptive_field.summarise_run(path, dataset=dataset)
@@ -147,7 +158,7 @@ def run_grid(config, workdir: str, points: Sequence[tuple[str, int, int]]) -> No
     finished = _completed(path)
     if finished:
       _check_same_run(path, run, finished)
-      cache_receptive_field(path, run)
+      cache_receptive_field(path, run, summary=finished)
       continue
     key = (size, seed)
     if key not in datasets:

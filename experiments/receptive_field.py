@@ -47,7 +47,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import json  # noqa: E402
 import pathlib  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
+from collections.abc import Mapping, Sequence  # noqa: E402
 from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -203,6 +203,47 @@ def attention_distance_entries(
 CACHE_FILE = "receptive_field.json"
 
 
+def _run_summary(workdir: str | os.PathLike) -> dict[str, Any]:
+  from experiments import train as train_lib
+
+  path = pathlib.Path(workdir) / train_lib.SUMMARY_FILE
+  return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _cache_key(
+  summary: Mapping[str, Any], num_images: int, radii: Sequence[float]
+) -> dict[str, Any]:
+  """What a cached entry was computed from: the image count, the radii and the run (its steps
+  and best-validation step, so that a re-trained run is not served the old entry)."""
+  return {
+    "num_images": int(num_images),
+    "radii": [round(float(r), 6) for r in radii],
+    "run": [summary.get("steps"), summary.get("best_val_step")],
+  }
+
+
+def cached_summary(
+  workdir: str | os.PathLike,
+  num_images: int = 200,
+  radii: Sequence[float] | None = None,
+  *,
+  summary: Mapping[str, Any] | None = None,
+) -> dict[str, Any] | None:
+  """The entry :func:`summarise_run` cached for this finished run with these ``num_images`` and
+  ``radii``, or None when there is none: no ``receptive_field.json``, one computed for another
+  image count, radii or run (a stale cache), or a run that has not finished. Reads no
+  checkpoint. ``summary``: the run's ``summary.json`` contents when already read."""
+  summary = _run_summary(workdir) if summary is None else summary
+  cache_path = pathlib.Path(workdir) / CACHE_FILE
+  if not summary.get("completed") or not cache_path.exists():
+    return None
+  radii = RADII if radii is None else tuple(float(r) for r in radii)
+  cached = json.loads(cache_path.read_text())
+  if cached.get("key") != _cache_key(summary, num_images, radii):
+    return None
+  return {**cached["entry"], "workdir": str(workdir)}
+
+
 def summarise_run(
   workdir: str | os.PathLike,
   num_images: int = 200,
@@ -227,19 +268,12 @@ def summarise_run(
   from experiments import train as train_lib
 
   radii = RADII if radii is None else tuple(float(r) for r in radii)
-  summary_path = pathlib.Path(workdir) / train_lib.SUMMARY_FILE
-  summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+  summary = _run_summary(workdir)
   cache = cache and bool(summary.get("completed"))
-  cache_path = pathlib.Path(workdir) / CACHE_FILE
-  key = {
-    "num_images": int(num_images),
-    "radii": [round(r, 6) for r in radii],
-    "run": [summary.get("steps"), summary.get("best_val_step")],
-  }
-  if cache and cache_path.exists():
-    cached = json.loads(cache_path.read_text())
-    if cached.get("key") == key:
-      return {**cached["entry"], "workdir": str(workdir)}
+  if cache:
+    cached = cached_summary(workdir, num_images, radii, summary=summary)
+    if cached is not None:
+      return cached
   config, dataset, model, images, grid = _load_run(workdir, num_images, dataset)
   final = _sown_probabilities(model, conversion.load_best(workdir), images)
   init = _sown_probabilities(
@@ -256,7 +290,8 @@ def summarise_run(
     ),
   }
   if cache:
-    cache_path.write_text(json.dumps({"key": key, "entry": entry}) + "\n")
+    key = _cache_key(summary, num_images, radii)
+    (pathlib.Path(workdir) / CACHE_FILE).write_text(json.dumps({"key": key, "entry": entry}) + "\n")
   return entry
 
 

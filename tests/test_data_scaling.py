@@ -267,6 +267,12 @@ def test_every_model_trains_one_grid_point(tmp_path, fake_loader, tiny_backbone)
   (gpsa / "receptive_field.json").unlink()
   data_scaling.run_grid(config, str(tmp_path), points)
   assert json.loads((gpsa / "receptive_field.json").read_text()) == entry
+  # A stale summary (computed for another image count) is recomputed, not taken as present.
+  (gpsa / "receptive_field.json").write_text(
+    json.dumps({**entry, "key": {**entry["key"], "num_images": 7}})
+  )
+  data_scaling.run_grid(config, str(tmp_path), points)
+  assert json.loads((gpsa / "receptive_field.json").read_text()) == entry
   import shutil
 
   (gpsa / "receptive_field.json").unlink()

@@ -128,6 +128,9 @@ def test_summary_of_a_finished_run_is_cached_without_its_checkpoints(tmp_path, m
   entry = rf.summarise_run(tmp_path / "run", num_images=3)
   cached = json.loads((tmp_path / "run" / rf.CACHE_FILE).read_text())
   assert cached["key"]["num_images"] == 3 and cached["entry"] == entry
+  assert rf.cached_summary(tmp_path / "run", num_images=3) == entry
+  assert rf.cached_summary(tmp_path / "run", num_images=4) is None  # another image count
+  assert rf.cached_summary(tmp_path / "run", num_images=3, radii=(1.0,)) is None  # other radii
   shutil.rmtree(tmp_path / "run" / "best")
   shutil.rmtree(tmp_path / "run" / "checkpoints")
   moved = tmp_path / "moved"
@@ -137,8 +140,11 @@ def test_summary_of_a_finished_run_is_cached_without_its_checkpoints(tmp_path, m
     rf.summarise_run(moved, num_images=4)
   summary = json.loads((moved / "summary.json").read_text())
   (moved / "summary.json").write_text(json.dumps({**summary, "best_val_step": 7}))
+  assert rf.cached_summary(moved, num_images=3) is None  # stale: another run
   with pytest.raises(FileNotFoundError):  # another run in the same directory
     rf.summarise_run(moved, num_images=3)
+  (moved / "summary.json").write_text(json.dumps({**summary, "completed": False}))
+  assert rf.cached_summary(moved, num_images=3) is None  # unfinished
 
 
 def test_unfinished_runs_are_not_cached(tmp_path, monkeypatch):
