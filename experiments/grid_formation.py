@@ -252,8 +252,9 @@ def checkpoint_trajectories(workdir: str | os.PathLike, num_images: int = 100) -
     raise ValueError(f"workdir: expected training checkpoints in {workdir}, found none")
   distances: dict[int, list] = {}
   gates: dict[int, list] = {}
+  probabilities = rf._sown_probabilities_fn(model)
   for step, variables in snapshots:
-    probs = rf._sown_probabilities(model, variables, images)
+    probs = probabilities(variables, images)
     for layer, d in enumerate(rf.layer_attention_distances(probs, grid)):
       distances.setdefault(layer, []).append([step, np.round(d, 4).tolist()])
     params = jax.device_get(variables["params"])

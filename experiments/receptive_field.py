@@ -47,7 +47,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import json  # noqa: E402
 import pathlib  # noqa: E402
-from collections.abc import Mapping, Sequence  # noqa: E402
+from collections.abc import Callable, Mapping, Sequence  # noqa: E402
 from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -127,22 +127,33 @@ def _load_run(
   return config, dataset, model, images, grid
 
 
-def _sown_probabilities(model, variables, images) -> list[np.ndarray]:
-  """Per layer (in depth order), the ``attention_probs`` each layer sows on ``images``: every
-  block's map of its own input."""
+def _sown_probabilities_fn(model) -> Callable[[Any, Any], list[np.ndarray]]:
+  """``probabilities(variables, images)``: per layer (in depth order), the ``attention_probs``
+  each layer of ``model`` sows on ``images`` (every block's map of its own input). One compiled
+  forward pass serves every set of variables of the same shapes (initial, trained, each
+  checkpoint of a run)."""
   import jax
 
-  _, state = jax.jit(lambda v, x: model.apply(v, x, train=False, mutable=["intermediates"]))(
-    variables, images
-  )
-  flat = jax.tree_util.tree_flatten_with_path(state["intermediates"])[0]
-  probs = []
-  for path, leaf in flat:
-    keys = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
-    if "attention_probs" in keys:
-      probs.append((keys, np.asarray(leaf)))
-  probs.sort(key=lambda kv: [int(k.split("_")[-1]) if k.startswith("block_") else 0 for k in kv[0]])
-  return [p for _, p in probs]
+  apply = jax.jit(lambda v, x: model.apply(v, x, train=False, mutable=["intermediates"]))
+
+  def probabilities(variables: Any, images: Any) -> list[np.ndarray]:
+    # One tree structure and one input type, one compilation: empty collections dropped (the
+    # initial ``batch_stats`` of a network without BatchNorm is {}, a checkpoint has none),
+    # arrays on the host (a restored checkpoint's carry its training mesh's sharding).
+    variables = {k: jax.tree.map(np.asarray, v) for k, v in variables.items() if v}
+    _, state = apply(variables, images)
+    flat = jax.tree_util.tree_flatten_with_path(state["intermediates"])[0]
+    probs = []
+    for path, leaf in flat:
+      keys = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
+      if "attention_probs" in keys:
+        probs.append((keys, np.asarray(leaf)))
+    probs.sort(
+      key=lambda kv: [int(k.split("_")[-1]) if k.startswith("block_") else 0 for k in kv[0]]
+    )
+    return [p for _, p in probs]
+
+  return probabilities
 
 
 def layer_probabilities(
@@ -163,7 +174,7 @@ def layer_probabilities(
     variables = conversion.load_best(workdir)
   else:
     variables = train_lib.initial_variables(config, model, dataset.image_shape)
-  return _sown_probabilities(model, variables, images), grid
+  return _sown_probabilities_fn(model)(variables, images), grid
 
 
 def layer_attention_distances(
@@ -275,10 +286,9 @@ def summarise_run(
     if cached is not None:
       return cached
   config, dataset, model, images, grid = _load_run(workdir, num_images, dataset)
-  final = _sown_probabilities(model, conversion.load_best(workdir), images)
-  init = _sown_probabilities(
-    model, train_lib.initial_variables(config, model, dataset.image_shape), images
-  )
+  probabilities = _sown_probabilities_fn(model)
+  final = probabilities(conversion.load_best(workdir), images)
+  init = probabilities(train_lib.initial_variables(config, model, dataset.image_shape), images)
   entry = {
     "workdir": str(workdir),
     "train_examples": summary.get("num_train_examples"),

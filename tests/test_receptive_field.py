@@ -125,6 +125,7 @@ def test_summary_of_a_finished_run_is_cached_without_its_checkpoints(tmp_path, m
 
   model = {"name": "vit", "num_layers": 1, "num_heads": 2, "hidden_size": 8, "mlp_dim": 8}
   _one_step_run(tmp_path / "run", monkeypatch, {**model, "patch_size": 4})
+  assert rf.cached_summary(tmp_path / "run", num_images=3) is None  # nothing cached yet
   entry = rf.summarise_run(tmp_path / "run", num_images=3)
   cached = json.loads((tmp_path / "run" / rf.CACHE_FILE).read_text())
   assert cached["key"]["num_images"] == 3 and cached["entry"] == entry
