@@ -311,23 +311,29 @@ def _keys(config: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array]:
   return init_key, train_key
 
 
+def _conv_init_alpha(config: ml_collections.ConfigDict) -> float:
+  alpha = float(config.get("conv_init_alpha", 0.0))
+  if alpha < 0:
+    raise ValueError(f"config.conv_init_alpha: expected 0 (off) or > 0, got {alpha}")
+  return alpha
+
+
 def _initialise(
-  config: ml_collections.ConfigDict,
+  init_key: jax.Array,
   model,
   image_shape: tuple[int, ...],
+  alpha: float,
   given_variables: Any = None,
 ) -> dict[str, Any]:
-  """The jittable part of a run's initialisation: ``model.init`` from the seed's keys, the
-  collections of ``given_variables`` put in place of the fresh ones, then, with
-  ``conv_init_alpha > 0``, every quadratic attention layer started as a K x K convolution.
+  """The jittable part of a run's initialisation: ``model.init`` from the run's ``init_key``
+  (:func:`_keys`), the collections of ``given_variables`` put in place of the fresh ones, then,
+  with ``alpha > 0`` (``conv_init_alpha``), every quadratic attention layer started as a K x K
+  convolution.
 
   Returns:
     ``{"params", "batch_stats"}`` (``batch_stats`` ``{}`` for models without BatchNorm).
   """
-  alpha = float(config.get("conv_init_alpha", 0.0))
-  if alpha < 0:
-    raise ValueError(f"config.conv_init_alpha: expected 0 (off) or > 0, got {alpha}")
-  params_key, dropout_key = jax.random.split(_keys(config)[0])
+  params_key, dropout_key = jax.random.split(init_key)
   sample = jnp.zeros((1, *image_shape), jnp.float32)
   variables = model.init({"params": params_key, "dropout": dropout_key}, sample, train=False)
   if given_variables is not None:
@@ -353,8 +359,17 @@ def initial_variables(
   from ``config.seed`` (``conv_init_alpha``, ``mimetic_init``): the at-initialisation network
   of a finished run. Runs started from given ``init_variables`` (fine-tuning a converted
   network) are not reproduced: their initial parameters are not in the workdir."""
-  variables = _to_host(jax.jit(lambda: _initialise(config, model, tuple(image_shape)))())
+  variables = _initialise_compiled(
+    _keys(config)[0], model, tuple(image_shape), _conv_init_alpha(config)
+  )
+  variables = _to_host(variables)
   return {**variables, "params": _mimetic(config, variables["params"])}
+
+
+# The key is an argument: one compilation per model, image shape and alpha serves every seed
+# (a study evaluates many runs of one model). The values equal the trainer's, which compiles
+# the keys in as constants (tests/test_receptive_field.py checks it bit for bit).
+_initialise_compiled = jax.jit(_initialise, static_argnums=(1, 2, 3))
 
 
 def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -678,7 +693,9 @@ def train_and_evaluate(
 
   def init_fn(given_variables):
     # Keys drawn inside: the init is one replicated computation on every process.
-    variables = _initialise(config, model, dataset.image_shape, given_variables)
+    variables = _initialise(
+      _keys(config)[0], model, dataset.image_shape, _conv_init_alpha(config), given_variables
+    )
     zero = jnp.zeros((), jnp.float32)
     return TrainState(
       step=jnp.zeros((), jnp.int32),
