@@ -65,6 +65,28 @@ def pytest_collection_modifyitems(config, items):
       item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _compilation_cache(tmp_path_factory):
+  """One persistent compilation cache per test process (each xdist worker has its own).
+
+  Many tests compile the same programs: a trainer run and its resumption, the grid runner's
+  models, the receptive-field and evaluation passes over one trained run. The cache keys on the
+  compiled program, so a hit returns the same executable and never changes a result.
+  """
+  names = (
+    "jax_compilation_cache_dir",
+    "jax_persistent_cache_min_compile_time_secs",
+    "jax_persistent_cache_min_entry_size_bytes",
+  )
+  old = {name: getattr(jax.config, name) for name in names}
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  yield
+  for name, value in old.items():
+    jax.config.update(name, value)
+
+
 @pytest.fixture
 def key():
   return jax.random.key(0)
