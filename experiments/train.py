@@ -692,10 +692,13 @@ def train_and_evaluate(
   sample = jnp.zeros((1, *dataset.image_shape), jnp.float32)
 
   def init_fn(given_variables):
-    # Keys drawn inside: the init is one replicated computation on every process.
-    variables = _initialise(
-      _keys(config)[0], model, dataset.image_shape, _conv_init_alpha(config), given_variables
+    # Every process computes the same initialisation (same keys, same program).
+    variables = _initialise_compiled(
+      init_key, model, tuple(dataset.image_shape), _conv_init_alpha(config), given_variables
     )
+    return initial_state(variables)
+
+  def initial_state(variables):
     zero = jnp.zeros((), jnp.float32)
     return TrainState(
       step=jnp.zeros((), jnp.int32),
@@ -745,7 +748,16 @@ def train_and_evaluate(
     # kernels (e.g. the SVDs of a conv-initialisation) run on every CPU device at once can
     # exhaust the shared intra-op thread pool and hang.
     first_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    fresh = _to_host(jax.jit(init_fn, out_shardings=first_device)(init_variables))
+    # The parameters come from `_initialise_compiled` (the key is an argument), compiled once per
+    # model and shared with `initial_variables`; the optimizer state is built around them.
+    variables = _initialise_compiled(
+      jax.device_put(init_key, first_device),
+      model,
+      tuple(dataset.image_shape),
+      _conv_init_alpha(config),
+      jax.device_put(init_variables, first_device),
+    )
+    fresh = _to_host(jax.jit(initial_state, out_shardings=first_device)(variables))
     if config.get("mimetic_init", False):  # Trockman & Kolter; SVDs of the kernels on the host
       params = _mimetic(config, fresh.params)
       fresh = fresh.replace(params=params, opt_state=_to_host(tx.init(params)))

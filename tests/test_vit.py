@@ -17,6 +17,7 @@ from attnconv.models.mimetic import (
   rank_truncated_factors,
 )
 from attnconv.models.vit import ViT
+from tests import jitted
 
 SHAPES = {"cifar": (2, 32, 32, 3), "mnist": (2, 28, 28, 1)}
 
@@ -33,7 +34,7 @@ def vit_param_count(h, w, c, *, p=4, d=64, layers=4, mlp=128, classes=10, cls=Fa
 
 
 def _init(model, shape, seed=0):
-  return model.init(jax.random.PRNGKey(seed), jnp.zeros(shape, jnp.float32))
+  return jitted.init(model, jax.random.PRNGKey(seed), jnp.zeros(shape, jnp.float32))
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +89,7 @@ def test_forward_shape_dtype_and_count(case):
   model = ViT(**config)
   variables = _init(model, shape)
   images = jax.random.normal(jax.random.PRNGKey(1), shape)
-  logits = model.apply(variables, images, train=False)
+  logits = jitted.apply(model, variables, images, train=False)
   assert logits.shape == (shape[0], config["num_classes"])
   assert logits.dtype == jnp.float32
   assert np.all(np.isfinite(np.asarray(logits)))
@@ -111,7 +112,7 @@ def test_pooling_and_attention_probabilities(pool):
   variables = _init(model, shape)
   assert ("cls_token" in variables["params"]) == (pool == "cls")
   images = jax.random.normal(jax.random.PRNGKey(2), shape)
-  logits, state = model.apply(variables, images, train=False, mutable=["intermediates"])
+  logits, state = jitted.apply(model, variables, images, train=False, mutable=["intermediates"])
   assert logits.shape == (2, 10) and logits.dtype == jnp.float32
   n = 7 * 7 + (pool == "cls")
   for i in range(2):
@@ -121,7 +122,9 @@ def test_pooling_and_attention_probabilities(pool):
     np.testing.assert_allclose(np.asarray(probs).sum(-1), 1.0, rtol=0, atol=tol)
     assert np.all(np.asarray(probs) >= 0)
   # Sowing does not change the output.
-  np.testing.assert_array_equal(np.asarray(model.apply(variables, images)), np.asarray(logits))
+  np.testing.assert_array_equal(
+    np.asarray(jitted.apply(model, variables, images)), np.asarray(logits)
+  )
 
 
 def test_pools_differ_on_same_weights(default_vit):
@@ -134,8 +137,8 @@ def test_pools_differ_on_same_weights(default_vit):
     if name != "pos_embedding":
       params[name] = value
   images = jax.random.normal(jax.random.PRNGKey(3), SHAPES["cifar"])
-  a = model.apply(variables, images)
-  b = cls_model.apply({"params": params}, images)
+  a = jitted.apply(model, variables, images)
+  b = jitted.apply(cls_model, {"params": params}, images)
   assert not np.allclose(np.asarray(a), np.asarray(b))
 
 
@@ -144,11 +147,17 @@ def test_dropout_train_differs_from_eval():
   model = build_model("vit", num_classes=10, dropout_rate=0.1, attention_dropout_rate=0.1)
   variables = _init(model, shape)
   images = jax.random.normal(jax.random.PRNGKey(4), shape)
-  eval_a = model.apply(variables, images, train=False)
-  eval_b = model.apply(variables, images, train=False, rngs={"dropout": jax.random.PRNGKey(5)})
+  eval_a = jitted.apply(model, variables, images, train=False)
+  eval_b = jitted.apply(
+    model, variables, images, train=False, rngs={"dropout": jax.random.PRNGKey(5)}
+  )
   np.testing.assert_array_equal(np.asarray(eval_a), np.asarray(eval_b))
-  train_a = model.apply(variables, images, train=True, rngs={"dropout": jax.random.PRNGKey(5)})
-  train_b = model.apply(variables, images, train=True, rngs={"dropout": jax.random.PRNGKey(6)})
+  train_a = jitted.apply(
+    model, variables, images, train=True, rngs={"dropout": jax.random.PRNGKey(5)}
+  )
+  train_b = jitted.apply(
+    model, variables, images, train=True, rngs={"dropout": jax.random.PRNGKey(6)}
+  )
   assert train_a.shape == (2, 10) and train_a.dtype == jnp.float32
   assert not np.allclose(np.asarray(train_a), np.asarray(eval_a))
   assert not np.allclose(np.asarray(train_a), np.asarray(train_b))
@@ -186,12 +195,12 @@ def test_one_sgd_step_has_finite_gradients(default_vit):
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
   params = variables["params"]
-  loss, grads = jax.value_and_grad(loss_fn)(params)
+  loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params)
   leaves = jax.tree_util.tree_leaves(grads)
   assert all(np.all(np.isfinite(np.asarray(g))) for g in leaves)
   assert any(np.any(np.asarray(g) != 0) for g in leaves)
   new_params = jax.tree_util.tree_map(lambda p, g: p - 0.1 * g, params, grads)
-  new_loss = loss_fn(new_params)
+  new_loss = jax.jit(loss_fn)(new_params)
   assert np.isfinite(float(new_loss))
   assert float(new_loss) < float(loss)
 
@@ -268,7 +277,7 @@ def test_mimetic_products_hit_truncated_targets(default_vit, pool):
     assert flat_old[path] is value
   # The model still runs.
   images = jax.random.normal(jax.random.PRNGKey(12), SHAPES["cifar"])
-  logits = model.apply({"params": new}, images, train=False)
+  logits = jitted.apply(model, {"params": new}, images, train=False)
   assert logits.shape == (2, 10) and np.all(np.isfinite(np.asarray(logits)))
 
 
