@@ -360,15 +360,15 @@ def initial_variables(
   of a finished run. Runs started from given ``init_variables`` (fine-tuning a converted
   network) are not reproduced: their initial parameters are not in the workdir."""
   variables = _initialise_compiled(
-    _keys(config)[0], model, tuple(image_shape), _conv_init_alpha(config)
+    _keys(config)[0], model, tuple(image_shape), _conv_init_alpha(config), None
   )
   variables = _to_host(variables)
   return {**variables, "params": _mimetic(config, variables["params"])}
 
 
-# The key is an argument: one compilation per model, image shape and alpha serves every seed
-# (a study evaluates many runs of one model). The values equal the trainer's, which compiles
-# the keys in as constants (tests/test_receptive_field.py checks it bit for bit).
+# The key is an argument: one compilation per model, image shape and alpha serves every seed and
+# both callers, the trainer and `initial_variables` (which pass every argument positionally, so
+# that their calls share one cache entry).
 _initialise_compiled = jax.jit(_initialise, static_argnums=(1, 2, 3))
 
 
@@ -750,12 +750,10 @@ def train_and_evaluate(
     first_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     # The parameters come from `_initialise_compiled` (the key is an argument), compiled once per
     # model and shared with `initial_variables`; the optimizer state is built around them.
+    # Its inputs are uncommitted (host values and a key), so it runs on the default device, the
+    # first local one.
     variables = _initialise_compiled(
-      jax.device_put(init_key, first_device),
-      model,
-      tuple(dataset.image_shape),
-      _conv_init_alpha(config),
-      jax.device_put(init_variables, first_device),
+      init_key, model, tuple(dataset.image_shape), _conv_init_alpha(config), init_variables
     )
     fresh = _to_host(jax.jit(initial_state, out_shardings=first_device)(variables))
     if config.get("mimetic_init", False):  # Trockman & Kolter; SVDs of the kernels on the host
